@@ -1,0 +1,253 @@
+//! Merge-pass throughput against memcpy over the same bytes, measured in one run.
+//!
+//! Shapes: a 7B-like cache (32 layers, 32 KV heads × 128, f16, 4096 cells) and a SmolLM2-like
+//! one (30 layers, 3 KV heads × 64, f16, 4096 cells); each event frees half the window.
+//! For each it prints the bytes a pass must touch (plan: every K row of the window; apply: K
+//! and V of every merged member read, each merged survivor's K and V written), the time of
+//! plan and apply, their GB/s, and memcpy's GB/s over the same number of bytes, then the
+//! ratio. criterion then times plan and apply on their own.
+//!
+//! `KVM_BENCH_THREADS` (default 2) sets the ctx's pool; `KVM_BENCH_QUICK=1` runs only the
+//! SmolLM2 shape.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use kvmerger::ffi::*;
+
+struct Shape {
+    name: &'static str,
+    n_layers: usize,
+    n_head: usize,
+    d: usize,
+    n_cells: usize,
+}
+
+const SHAPES: [Shape; 2] = [
+    Shape {
+        name: "smollm2-30x3x64",
+        n_layers: 30,
+        n_head: 3,
+        d: 64,
+        n_cells: 4096,
+    },
+    Shape {
+        name: "7b-32x32x128",
+        n_layers: 32,
+        n_head: 32,
+        d: 128,
+        n_cells: 4096,
+    },
+];
+
+struct Cache {
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
+    s: &'static Shape,
+}
+
+impl Cache {
+    fn new(s: &'static Shape) -> Cache {
+        let row = s.n_head * s.d;
+        // Keys drift slowly with jumps (runs of similar neighbours), values are noise; f16 bits
+        // made arithmetically so filling 2 GiB stays quick.
+        let mut seed = 0x1234_5678u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..s.n_layers {
+            let mut kl = vec![0u16; row * s.n_cells];
+            let mut vl = vec![0u16; row * s.n_cells];
+            let mut base: Vec<f32> = (0..row)
+                .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+                .collect();
+            for c in 0..s.n_cells {
+                if next() % 8 == 0 {
+                    base.iter_mut()
+                        .for_each(|b| *b = (next() % 2000) as f32 / 1000.0 - 1.0);
+                }
+                for j in 0..row {
+                    let noise = (next() % 200) as f32 / 1000.0 - 0.1;
+                    kl[c * row + j] = half::f16::from_f32(base[j] + noise).to_bits();
+                    vl[c * row + j] = half::f16::from_f32(noise * 5.0).to_bits();
+                }
+            }
+            k.push(kl);
+            v.push(vl);
+        }
+        Cache { k, v, s }
+    }
+
+    fn views(&mut self) -> Vec<kvm_layer_view> {
+        let s = self.s;
+        let row = s.n_head * s.d;
+        let tv = |data: *mut u16| kvm_tensor_view {
+            data: data as *mut _,
+            r#type: 1,
+            ne: [row as i64, s.n_cells as i64, 1, 1],
+            nb: [2, 2 * row, 2 * row * s.n_cells, 2 * row * s.n_cells],
+        };
+        self.k
+            .iter_mut()
+            .zip(self.v.iter_mut())
+            .map(|(k, v)| kvm_layer_view {
+                k: tv(k.as_mut_ptr()),
+                v: tv(v.as_mut_ptr()),
+                n_head_kv: s.n_head as u32,
+                n_embd_head_k: s.d as u32,
+                n_embd_head_v: s.d as u32,
+                v_trans: false,
+            })
+            .collect()
+    }
+}
+
+fn ctx() -> *mut kvm_ctx {
+    let mut p = kvm_params_default();
+    p.n_threads = std::env::var("KVM_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let mut c = std::ptr::null_mut();
+    // SAFETY: valid pointers.
+    let st = unsafe { kvm_ctx_init(&p, &mut c) };
+    assert_eq!(st, kvm_status::KVM_STATUS_OK);
+    c
+}
+
+fn plan(ctx: *mut kvm_ctx, views: &[kvm_layer_view], cells: &[u32], n_free: u32) -> *mut kvm_plan {
+    let mut pl = std::ptr::null_mut();
+    // SAFETY: valid pointers, live buffers.
+    let st = unsafe {
+        kvm_plan_init(
+            ctx,
+            views.as_ptr(),
+            views.len(),
+            cells.as_ptr(),
+            cells.len(),
+            std::ptr::null(),
+            std::ptr::null(),
+            n_free,
+            &mut pl,
+        )
+    };
+    assert_eq!(st, kvm_status::KVM_STATUS_OK);
+    pl
+}
+
+fn min_time(reps: usize, mut f: impl FnMut()) -> Duration {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .unwrap()
+}
+
+fn report(s: &'static Shape, c: &mut Criterion) {
+    let mut cache = Cache::new(s);
+    let views = cache.views();
+    let ctx = ctx();
+    let cells: Vec<u32> = (0..s.n_cells as u32).collect();
+    let n_free = (s.n_cells / 2) as u32;
+    let row_bytes = s.n_head * s.d * 2;
+
+    let pl = plan(ctx, &views, &cells, n_free);
+    let mut info = std::mem::MaybeUninit::<kvm_plan_info>::uninit();
+    // SAFETY: plan from kvm_plan_init.
+    unsafe { kvm_plan_get(pl, info.as_mut_ptr()) };
+    // SAFETY: written on OK.
+    let info = unsafe { info.assume_init() };
+    // SAFETY: array of n_cells owned by the plan.
+    let set_of = unsafe { std::slice::from_raw_parts(info.set_of, info.n_cells) };
+    let mut members = vec![0usize; info.n_sets];
+    set_of
+        .iter()
+        .filter(|&&x| x != KVM_EVICTED)
+        .for_each(|&x| members[x as usize] += 1);
+    let merged_members: usize = members.iter().filter(|&&m| m > 1).sum();
+    let merged_sets = members.iter().filter(|&&m| m > 1).count();
+    let plan_bytes = s.n_layers * s.n_cells * row_bytes;
+    let apply_bytes = s.n_layers * (2 * merged_members + 2 * merged_sets) * row_bytes;
+    let total = plan_bytes + apply_bytes;
+
+    let reps = if s.n_head > 8 { 3 } else { 10 };
+    let t_plan = min_time(reps, || {
+        let p = plan(ctx, &views, &cells, n_free);
+        // SAFETY: from kvm_plan_init.
+        unsafe { kvm_plan_free(black_box(p)) };
+    });
+    let t_apply = min_time(reps, || {
+        // SAFETY: same views; re-applying the same plan re-merges already merged rows, which
+        // costs the same as the first time.
+        let st = unsafe { kvm_plan_apply(ctx, pl, views.as_ptr(), views.len()) };
+        assert_eq!(st, kvm_status::KVM_STATUS_OK);
+    });
+    let src = vec![1u8; total];
+    let mut dst = vec![0u8; total];
+    let t_copy = min_time(reps, || {
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+    });
+    let gbs = |b: usize, t: Duration| b as f64 / t.as_secs_f64() / 1e9;
+    let t_pass = t_plan + t_apply;
+    println!(
+        "{}: threads {} | bytes touched {:.1} MiB (plan {:.1}, apply {:.1}; {} sets merge {} cells) | plan {:.1} ms, apply {:.1} ms, pass {:.1} ms = {:.2} GB/s | memcpy same bytes {:.1} ms = {:.2} GB/s | ratio pass/memcpy {:.2} | kernels {}",
+        s.name,
+        std::env::var("KVM_BENCH_THREADS").unwrap_or_else(|_| "2".into()),
+        total as f64 / 1048576.0,
+        plan_bytes as f64 / 1048576.0,
+        apply_bytes as f64 / 1048576.0,
+        merged_sets,
+        merged_members,
+        t_plan.as_secs_f64() * 1e3,
+        t_apply.as_secs_f64() * 1e3,
+        t_pass.as_secs_f64() * 1e3,
+        gbs(total, t_pass),
+        t_copy.as_secs_f64() * 1e3,
+        gbs(total, t_copy),
+        gbs(total, t_pass) / gbs(total, t_copy),
+        kvmerger::simd::kernels().name,
+    );
+
+    let mut g = c.benchmark_group(s.name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(if s.n_head > 8 { 10 } else { 3 }));
+    g.throughput(Throughput::Bytes(plan_bytes as u64));
+    g.bench_function("plan", |b| {
+        b.iter(|| {
+            let p = plan(ctx, &views, &cells, n_free);
+            // SAFETY: from kvm_plan_init.
+            unsafe { kvm_plan_free(p) };
+        })
+    });
+    g.throughput(Throughput::Bytes(apply_bytes as u64));
+    g.bench_function("apply", |b| {
+        // SAFETY: as above.
+        b.iter(|| unsafe { kvm_plan_apply(ctx, pl, views.as_ptr(), views.len()) })
+    });
+    g.finish();
+    // SAFETY: handles from their inits.
+    unsafe {
+        kvm_plan_free(pl);
+        kvm_ctx_free(ctx);
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let quick = std::env::var("KVM_BENCH_QUICK").is_ok_and(|v| v == "1");
+    for s in SHAPES.iter().filter(|s| !quick || s.n_head < 8) {
+        report(s, &mut c);
+    }
+    c.final_summary();
+}

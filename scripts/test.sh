@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run). Installs what a fresh machine lacks.
+#   scripts/test.sh          everything
+#   KVM_TEST_QUICK=1 ...     skip the aarch64/qemu run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { printf '\n== %s\n' "$*"; }
+
+say "toolchain"
+command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup" >&2; exit 1; }
+cargo --version
+
+say "header: include/kvmerger.h matches the sources (cbindgen)"
+scripts/gen-header.sh 2>/dev/null
+git diff --exit-code -- include/kvmerger.h || { echo "include/kvmerger.h is stale: run scripts/gen-header.sh and commit" >&2; exit 1; }
+
+say "lint"
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+
+say "unit, property, merge-math, ABI and C (ASan) tests"
+cargo test --quiet
+
+say "the whole pipeline on the scalar kernels"
+KVM_FORCE_SCALAR=1 cargo test --quiet --test plan_props --test merge_math
+
+say "SIMD property tests built with AVX2/FMA/F16C enabled at compile time"
+RUSTFLAGS="-C target-feature=+avx2,+fma,+f16c" CARGO_TARGET_DIR=target/avx2 cargo test --quiet --test simd_props
+
+if [ "${KVM_TEST_QUICK:-0}" != 1 ]; then
+    say "aarch64 (NEON) under qemu"
+    scripts/test-aarch64.sh --quiet
+fi
+say "all tests passed"

@@ -1,0 +1,160 @@
+//! Step 2: write each merged set's state into its surviving cell, in place.
+//!
+//! Per layer and KV head, a set of members `i` with pivot `p` becomes
+//! `g_i = exp(−d_i² / 2σ²)`, `d_i = ‖k_p − k_i‖`, `w_i ∝ count_i · g_i`,
+//! `k* = Σ w_i k_i`, `v* = Σ w_i v_i` (method.md), with `2σ² = d̄²` (d̄ the mean of the d_i,
+//! pivot included as 0) unless σ is fixed. Arithmetic is f32; the result is encoded back into
+//! the cache's type, only into the pivot's rows. CaM instead adds weighted evicted values into
+//! kept values. Layers are independent rayon tasks, so the bytes written do not depend on the
+//! thread count.
+
+use rayon::prelude::*;
+
+use super::plan::Plan;
+use super::{Exec, Method, Sigma, ValueMode};
+use crate::error::{Error, Result};
+use crate::layout::{LayerMut, LayerRows};
+use crate::simd::Kernels;
+
+pub fn apply(ex: &Exec, plan: &Plan, layers: &mut [LayerMut<'_>]) -> Result<()> {
+    if layers.len() != plan.geoms.len() {
+        return Err(Error::Mismatch(format!(
+            "planned on {} layers, applied to {}",
+            plan.geoms.len(),
+            layers.len()
+        )));
+    }
+    for (il, (l, g)) in layers.iter().zip(&plan.geoms).enumerate() {
+        if l.geom != *g {
+            return Err(Error::Mismatch(format!(
+                "layer {il} differs in type, shape or strides"
+            )));
+        }
+    }
+    let members = plan.members();
+    let merged: Vec<(usize, &Vec<usize>)> = members
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.len() > 1)
+        .collect();
+    if merged.is_empty() && plan.cam.is_empty() {
+        return Ok(());
+    }
+    ex.pool.install(|| {
+        layers
+            .par_iter_mut()
+            .for_each(|l| apply_layer(ex.kern, plan, &merged, l))
+    });
+    Ok(())
+}
+
+/// Gaussian-kernel weights of the members around the pivot (`jp`), times their counts,
+/// normalized. `d2[i]` is the squared key distance of member `i` to the pivot.
+pub fn weights(sigma: Sigma, d2: &[f32], counts: &[f32], jp: usize, out: &mut [f32]) {
+    match sigma {
+        Sigma::Adaptive => {
+            let dbar = d2.iter().map(|d| d.max(0.0).sqrt()).sum::<f32>() / d2.len() as f32;
+            for (o, d) in out.iter_mut().zip(d2) {
+                *o = if dbar > 0.0 {
+                    (-d.max(0.0) / (dbar * dbar)).exp()
+                } else {
+                    1.0
+                };
+            }
+        }
+        Sigma::Fixed(s) => {
+            for (o, d) in out.iter_mut().zip(d2) {
+                *o = (-d.max(0.0) / (2.0 * s * s)).exp();
+            }
+        }
+    }
+    // A non-finite key must not poison the merge: such a member gets no weight, the pivot 1.
+    for (i, o) in out.iter_mut().enumerate() {
+        if !o.is_finite() {
+            *o = if i == jp { 1.0 } else { 0.0 };
+        }
+    }
+    out[jp] = 1.0;
+    let mut sum = 0f32;
+    for (o, c) in out.iter_mut().zip(counts) {
+        *o *= c;
+        sum += *o;
+    }
+    out.iter_mut().for_each(|o| *o /= sum);
+}
+
+fn apply_layer(
+    kern: &'static Kernels,
+    plan: &Plan,
+    merged: &[(usize, &Vec<usize>)],
+    l: &mut LayerMut<'_>,
+) {
+    let g = l.geom;
+    let p = &plan.params;
+    let max_m = merged.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
+    let mut keys = vec![0f32; max_m * g.dk];
+    let mut vals = vec![0f32; g.dv];
+    let mut out_k = vec![0f32; g.dk];
+    let mut out_v = vec![0f32; g.dv];
+    let mut d2 = vec![0f32; max_m];
+    let mut w = vec![0f32; max_m];
+    let mut cnt = vec![0f32; max_m];
+    for &(sid, mem) in merged {
+        let m = mem.len();
+        let piv = plan.survivor[sid] as usize;
+        let jp = mem
+            .iter()
+            .position(|&i| i == piv)
+            .expect("survivor is a member");
+        let pc = plan.cells[piv] as usize;
+        for (c, &i) in cnt.iter_mut().zip(mem) {
+            *c = plan.counts_in[i] as f32;
+        }
+        for h in 0..g.n_head {
+            for (j, &i) in mem.iter().enumerate() {
+                l.read_k(
+                    kern,
+                    plan.cells[i] as usize,
+                    h,
+                    &mut keys[j * g.dk..(j + 1) * g.dk],
+                );
+            }
+            let kp = &keys[jp * g.dk..(jp + 1) * g.dk];
+            for j in 0..m {
+                d2[j] = kern.sqdist_f32(kp, &keys[j * g.dk..(j + 1) * g.dk]);
+            }
+            weights(p.sigma, &d2[..m], &cnt[..m], jp, &mut w[..m]);
+            if p.merge_keys {
+                out_k.iter_mut().for_each(|x| *x = 0.0);
+                for j in 0..m {
+                    kern.axpy_f32(&mut out_k, w[j], &keys[j * g.dk..(j + 1) * g.dk]);
+                }
+                l.write_k(kern, pc, h, &out_k);
+            }
+            if p.merge_values {
+                out_v.iter_mut().for_each(|x| *x = 0.0);
+                for (j, &i) in mem.iter().enumerate() {
+                    l.read_v(kern, plan.cells[i] as usize, h, &mut vals);
+                    kern.axpy_f32(&mut out_v, w[j], &vals);
+                }
+                if p.value_mode == ValueMode::Paper {
+                    out_v.iter_mut().for_each(|x| *x *= m as f32);
+                }
+                l.write_v(kern, pc, h, &out_v);
+            }
+        }
+    }
+    if p.method == Method::Cam {
+        for fold in &plan.cam {
+            let tc = plan.cells[fold.target] as usize;
+            for h in 0..g.n_head {
+                l.read_v(kern, tc, h, &mut out_v);
+                for &(e, wt) in &fold.sources {
+                    l.read_v(kern, plan.cells[e] as usize, h, &mut vals);
+                    kern.axpy_f32(&mut out_v, wt, &vals);
+                }
+                l.write_v(kern, tc, h, &out_v);
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Key similarities, read straight from the cache.
+//!
+//! A cell is one token in every layer and head, so whatever decides that two cells become one
+//! must look at all layers at once. The link score of window cells `i` and `i+1` is the mean,
+//! over layers and KV heads, of the cosine of their keys (method.md row 2). Each layer is one
+//! rayon task producing its own per-link vector; the vectors are then added in layer order, so
+//! the result does not depend on how many threads ran.
+
+use rayon::prelude::*;
+
+use super::calib::Calib;
+use super::Exec;
+use crate::layout::LayerRows;
+use crate::simd::Kernels;
+
+/// Cosine that treats zero vectors and non-finite data as "not similar" (−1), so a broken or
+/// empty row never attracts a merge.
+#[inline]
+fn cosine(dot: f32, n2a: f32, n2b: f32) -> f32 {
+    let den = (n2a * n2b).sqrt();
+    let c = dot / den;
+    if den > 0.0 && c.is_finite() {
+        c.clamp(-1.0, 1.0)
+    } else {
+        -1.0
+    }
+}
+
+/// Key of `cell`, head `h`, into `buf` (f32), unless the f16 fast path applies.
+struct KeyReader<'a, L: LayerRows> {
+    layer: &'a L,
+    kern: &'static Kernels,
+}
+
+impl<L: LayerRows> KeyReader<'_, L> {
+    fn dot(&self, a: usize, b: usize, h: usize, ba: &mut [f32], bb: &mut [f32]) -> (f32, f32, f32) {
+        if let (Some(x), Some(y)) = (self.layer.k_f16(a, h), self.layer.k_f16(b, h)) {
+            return (
+                self.kern.dot_f16(x, y),
+                self.kern.dot_f16(x, x),
+                self.kern.dot_f16(y, y),
+            );
+        }
+        self.layer.read_k(self.kern, a, h, ba);
+        self.layer.read_k(self.kern, b, h, bb);
+        (
+            self.kern.dot_f32(ba, bb),
+            self.kern.dot_f32(ba, ba),
+            self.kern.dot_f32(bb, bb),
+        )
+    }
+}
+
+/// Per layer, the head-mean cosine of each adjacent pair of window cells (`cells.len() − 1`
+/// values).
+pub fn layer_adjacent<L: LayerRows>(kern: &'static Kernels, layer: &L, cells: &[u32]) -> Vec<f32> {
+    let g = layer.geom();
+    let n = cells.len();
+    if n < 2 {
+        return Vec::new();
+    }
+    let mut out = vec![0f32; n - 1];
+    if layer.k_f16(cells[0] as usize, 0).is_some() {
+        // f16: dot straight from the cache, each row's norm computed once.
+        let mut norms = vec![0f32; g.n_head];
+        let mut prev_norms = vec![0f32; g.n_head];
+        for (i, &c) in cells.iter().enumerate() {
+            let c = c as usize;
+            for h in 0..g.n_head {
+                let x = layer.k_f16(c, h).expect("f16");
+                norms[h] = kern.dot_f16(x, x);
+                if i > 0 {
+                    let y = layer.k_f16(cells[i - 1] as usize, h).expect("f16");
+                    out[i - 1] += cosine(kern.dot_f16(x, y), norms[h], prev_norms[h]);
+                }
+            }
+            std::mem::swap(&mut norms, &mut prev_norms);
+        }
+    } else {
+        // Other types: decode each row once into f32, keep the previous one.
+        let mut cur = vec![0f32; g.n_head * g.dk];
+        let mut prev = vec![0f32; g.n_head * g.dk];
+        let mut norms = vec![0f32; g.n_head];
+        let mut prev_norms = vec![0f32; g.n_head];
+        for (i, &c) in cells.iter().enumerate() {
+            for h in 0..g.n_head {
+                let x = &mut cur[h * g.dk..(h + 1) * g.dk];
+                layer.read_k(kern, c as usize, h, x);
+                norms[h] = kern.dot_f32(x, x);
+                if i > 0 {
+                    let y = &prev[h * g.dk..(h + 1) * g.dk];
+                    out[i - 1] += cosine(kern.dot_f32(x, y), norms[h], prev_norms[h]);
+                }
+            }
+            std::mem::swap(&mut cur, &mut prev);
+            std::mem::swap(&mut norms, &mut prev_norms);
+        }
+    }
+    let inv = 1.0 / g.n_head as f32;
+    out.iter_mut().for_each(|v| *v *= inv);
+    out
+}
+
+/// Link scores of a window.
+pub struct Links {
+    /// Mean over layers and KV heads of the adjacent-key cosine (what a floor is compared to).
+    pub mean_cos: Vec<f32>,
+    /// What links are ranked by: `mean_cos`, or with a calibration profile the mean over layers
+    /// of each layer's standardized cosine `(cos − μ_l) / σ_l`.
+    pub rank: Vec<f32>,
+}
+
+pub fn links<L: LayerRows + Sync>(
+    ex: &Exec,
+    layers: &[L],
+    cells: &[u32],
+    calib: Option<&Calib>,
+) -> Links {
+    let per_layer: Vec<Vec<f32>> = ex.pool.install(|| {
+        layers
+            .par_iter()
+            .map(|l| layer_adjacent(ex.kern, l, cells))
+            .collect()
+    });
+    let n = cells.len().saturating_sub(1);
+    let mut mean_cos = vec![0f32; n];
+    let mut rank = vec![0f32; n];
+    let mut wsum = 0f32;
+    for (il, (cos, layer)) in per_layer.iter().zip(layers).enumerate() {
+        // Every (layer, head) pair counts once, as in "mean over layers and KV heads".
+        let w = layer.geom().n_head as f32;
+        wsum += w;
+        let (mu, inv_sd) = calib.map_or((0.0, 1.0), |c| c.standardizer(il));
+        for i in 0..n {
+            mean_cos[i] += w * cos[i];
+            rank[i] += w * (cos[i] - mu) * inv_sd;
+        }
+    }
+    mean_cos.iter_mut().for_each(|v| *v /= wsum);
+    rank.iter_mut().for_each(|v| *v /= wsum);
+    Links { mean_cos, rank }
+}
+
+/// Mean over layers and heads of cos(k_a, k_b) for each pair (window indices).
+pub fn pair_sims<L: LayerRows + Sync>(
+    ex: &Exec,
+    layers: &[L],
+    cells: &[u32],
+    pairs: &[(usize, usize)],
+) -> Vec<f32> {
+    let per_layer: Vec<Vec<f32>> = ex.pool.install(|| {
+        layers
+            .par_iter()
+            .map(|l| {
+                let g = l.geom();
+                let rd = KeyReader {
+                    layer: l,
+                    kern: ex.kern,
+                };
+                let mut ba = vec![0f32; g.dk];
+                let mut bb = vec![0f32; g.dk];
+                pairs
+                    .iter()
+                    .map(|&(a, b)| {
+                        let (a, b) = (cells[a] as usize, cells[b] as usize);
+                        (0..g.n_head)
+                            .map(|h| {
+                                let (d, na, nb) = rd.dot(a, b, h, &mut ba, &mut bb);
+                                cosine(d, na, nb)
+                            })
+                            .sum::<f32>()
+                    })
+                    .collect()
+            })
+            .collect()
+    });
+    let heads: f32 = layers.iter().map(|l| l.geom().n_head as f32).sum();
+    let mut out = vec![0f32; pairs.len()];
+    for v in &per_layer {
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += x;
+        }
+    }
+    out.iter_mut().for_each(|v| *v /= heads);
+    out
+}
+
+/// For each set (a list of window indices with their token counts), the squared distance of
+/// every member's key to the set's count-weighted mean key, summed over layers and heads.
+/// Returned per set, in member order. The query-free pivot is the member with the least.
+pub fn mean_key_distances<L: LayerRows + Sync>(
+    ex: &Exec,
+    layers: &[L],
+    cells: &[u32],
+    sets: &[Vec<usize>],
+    counts: &[u32],
+) -> Vec<Vec<f32>> {
+    let per_layer: Vec<Vec<Vec<f32>>> = ex.pool.install(|| {
+        layers
+            .par_iter()
+            .map(|l| {
+                let g = l.geom();
+                let mut keys = Vec::new();
+                let mut mean = vec![0f32; g.dk];
+                sets.iter()
+                    .map(|set| {
+                        let mut d = vec![0f32; set.len()];
+                        keys.resize(set.len() * g.dk, 0.0);
+                        let total: f32 = set.iter().map(|&i| counts[i] as f32).sum();
+                        for h in 0..g.n_head {
+                            mean.iter_mut().for_each(|m| *m = 0.0);
+                            for (j, &i) in set.iter().enumerate() {
+                                let k = &mut keys[j * g.dk..(j + 1) * g.dk];
+                                l.read_k(ex.kern, cells[i] as usize, h, k);
+                                ex.kern.axpy_f32(&mut mean, counts[i] as f32 / total, k);
+                            }
+                            for (j, dj) in d.iter_mut().enumerate() {
+                                *dj += ex.kern.sqdist_f32(&keys[j * g.dk..(j + 1) * g.dk], &mean);
+                            }
+                        }
+                        d
+                    })
+                    .collect()
+            })
+            .collect()
+    });
+    let mut out: Vec<Vec<f32>> = sets.iter().map(|s| vec![0f32; s.len()]).collect();
+    for layer in &per_layer {
+        for (o, v) in out.iter_mut().zip(layer) {
+            for (a, b) in o.iter_mut().zip(v) {
+                *a += b;
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,391 @@
+//! AVX2 + FMA + F16C kernels (x86_64), selected at run time by [`table`].
+//!
+//! Every kernel has ggml's shape (`ggml-cpu/vec.h`, `simd-mappings.h`):
+//!
+//! ```text
+//! if n < EPR            -> scalar reference (shorter than one vector)
+//! np = n & !(STEP - 1)
+//! for i in (0..np).step_by(STEP):      ARR independent registers of EPR lanes
+//!     acc[j] = op(acc[j], x[i + j*EPR ..], y[i + j*EPR ..])   j in 0..ARR
+//! reduce: acc[0]+acc[2], acc[1]+acc[3], then the two sums, then the 8 lanes
+//!         (hi128+lo128, then lanes 0+2 / 1+3, then the last pair)
+//! // leftovers: i in np..n, one element at a time, added onto the reduced sum
+//! ```
+//!
+//! The order is fixed, so a reduction's result depends only on its inputs. Element-wise
+//! kernels (axpy, conversions) are bit-identical to `scalar.rs` (both use fused multiply-add;
+//! F16C rounds to nearest even like `half`; bf16 uses ggml's integer rounding and, like
+//! `half`, quiets NaNs when widening).
+//!
+//! Only the entry functions carry `#[target_feature]`; helpers are `#[inline(always)]` so they
+//! are inlined into an entry function and compiled with its features (memchr's `Vector`).
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+use super::{scalar, Kernels};
+
+/// Elements per loop step (ggml `GGML_F32_STEP`).
+const STEP: usize = 32;
+/// Elements per register (ggml `GGML_F32_EPR`): eight f32 lanes of a `__m256`.
+const EPR: usize = 8;
+/// Independent registers per step (ggml `GGML_F32_ARR`).
+const ARR: usize = STEP / EPR;
+
+/// The AVX2 table, or `None` when the CPU lacks AVX2, FMA or F16C (each checked separately,
+/// like ggml's `cpu-feats.cpp`). CPUID is cached by std, and [`super::kernels`] calls this once.
+pub(crate) fn table() -> Option<&'static Kernels> {
+    static T: Kernels = Kernels {
+        name: "avx2",
+        dot_f32: dot_f32_avx2,
+        dot_f16: dot_f16_avx2,
+        sqdist_f32: sqdist_f32_avx2,
+        axpy_f32: axpy_f32_avx2,
+        f16_to_f32: f16_to_f32_avx2,
+        f32_to_f16: f32_to_f16_avx2,
+        bf16_to_f32: bf16_to_f32_avx2,
+        f32_to_bf16: f32_to_bf16_avx2,
+    };
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        Some(&T)
+    } else {
+        None
+    }
+}
+
+////////////////////////////////// helpers //////////////////////////////////
+
+/// Eight f16 bit patterns at `p`, widened exactly to f32.
+///
+/// # Safety
+/// The CPU supports AVX and F16C, and `p..p+8` is readable.
+#[inline(always)]
+unsafe fn load_f16x8(p: *const u16) -> __m256 {
+    // SAFETY: the caller guarantees F16C and eight readable u16; loadu has no alignment need.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+}
+
+/// The fixed-order reduction of the accumulators, see the module comment.
+///
+/// # Safety
+/// The CPU supports AVX.
+#[inline(always)]
+// Pure register arithmetic: the block is needed only when AVX is not enabled for the whole
+// crate (it is under `-C target-feature=+avx2`, where it would otherwise warn).
+#[allow(unused_unsafe)]
+unsafe fn reduce(acc: [__m256; ARR]) -> f32 {
+    // SAFETY: the caller guarantees AVX; no memory is touched.
+    unsafe {
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+        let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)))
+    }
+}
+
+/// ggml's f32 -> bf16 rounding on eight lanes, packed to eight u16 in order.
+///
+/// # Safety
+/// The CPU supports AVX2.
+#[inline(always)]
+#[allow(unused_unsafe)] // as in `reduce`
+unsafe fn f32_to_bf16x8(x: __m256) -> __m128i {
+    // SAFETY: the caller guarantees AVX2; no memory is touched.
+    unsafe {
+        let u = _mm256_castps_si256(x);
+        // NaN: |u| > 0x7f800000. Both sides are non-negative as i32, so the signed compare is
+        // the unsigned one the scalar code does.
+        let abs = _mm256_and_si256(u, _mm256_set1_epi32(0x7fff_ffff));
+        let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f80_0000));
+        let hi = _mm256_srli_epi32::<16>(u);
+        let quiet = _mm256_or_si256(hi, _mm256_set1_epi32(64));
+        // Round to nearest even: u + 0x7fff + lsb, then >> 16. Cannot wrap for non-NaN u
+        // (max 0xff800000), and NaN lanes are replaced below.
+        let lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(u, bias));
+        let r = _mm256_blendv_epi8(rounded, quiet, nan);
+        // Every lane is <= 0xffff, so unsigned saturation is a plain narrowing; packing the two
+        // 128-bit halves against each other keeps the element order.
+        _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r))
+    }
+}
+
+////////////////////////////////// kernels //////////////////////////////////
+
+/// Σ a·b over `min(a.len(), b.len())` elements (the table's wrapper asserts equal lengths).
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::dot_f32_scalar(&a[..n], &b[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: the caller guarantees the features; every load reads i + j*EPR .. +EPR <= np <= n
+    // elements of both slices, and loadu needs no alignment.
+    let mut sumf = unsafe {
+        let mut acc = [_mm256_setzero_ps(); ARR];
+        let mut i = 0;
+        while i < np {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let o = i + j * EPR;
+                *s = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *s);
+            }
+            i += STEP;
+        }
+        reduce(acc)
+    };
+    // leftovers
+    for i in np..n {
+        sumf = a[i].mul_add(b[i], sumf);
+    }
+    sumf
+}
+
+/// Σ a·b over f16 bit patterns, each widened exactly, accumulated in f32.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f16_avx2(a: &[u16], b: &[u16]) -> f32 {
+    let n = a.len().min(b.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::dot_f16_scalar(&a[..n], &b[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: as in `dot_f32_avx2`: features guaranteed, loads stay below np <= n.
+    let mut sumf = unsafe {
+        let mut acc = [_mm256_setzero_ps(); ARR];
+        let mut i = 0;
+        while i < np {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let o = i + j * EPR;
+                *s = _mm256_fmadd_ps(load_f16x8(pa.add(o)), load_f16x8(pb.add(o)), *s);
+            }
+            i += STEP;
+        }
+        reduce(acc)
+    };
+    // leftovers
+    for i in np..n {
+        sumf = f16::from_bits(a[i])
+            .to_f32()
+            .mul_add(f16::from_bits(b[i]).to_f32(), sumf);
+    }
+    sumf
+}
+
+/// Σ (a−b)².
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn sqdist_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::sqdist_f32_scalar(&a[..n], &b[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: as in `dot_f32_avx2`: features guaranteed, loads stay below np <= n.
+    let mut sumf = unsafe {
+        let mut acc = [_mm256_setzero_ps(); ARR];
+        let mut i = 0;
+        while i < np {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let o = i + j * EPR;
+                let d = _mm256_sub_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)));
+                *s = _mm256_fmadd_ps(d, d, *s);
+            }
+            i += STEP;
+        }
+        reduce(acc)
+    };
+    // leftovers
+    for i in np..n {
+        let d = a[i] - b[i];
+        sumf = d.mul_add(d, sumf);
+    }
+    sumf
+}
+
+/// y += a·x, one fused multiply-add per element (bit-identical to the scalar kernel).
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_f32_avx2(y: &mut [f32], a: f32, x: &[f32]) {
+    let n = y.len().min(x.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::axpy_f32_scalar(&mut y[..n], a, &x[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+    // SAFETY: features guaranteed; every access is i + j*EPR .. +EPR <= np <= n elements into
+    // `y` (exclusively borrowed) or `x`, unaligned loads/stores.
+    unsafe {
+        let va = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i < np {
+            for j in 0..ARR {
+                let o = i + j * EPR;
+                let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(o)), _mm256_loadu_ps(py.add(o)));
+                _mm256_storeu_ps(py.add(o), r);
+            }
+            i += STEP;
+        }
+    }
+    // leftovers
+    for i in np..n {
+        y[i] = a.mul_add(x[i], y[i]);
+    }
+}
+
+/// f16 bit patterns to f32, exact (`vcvtph2ps`; a signalling NaN comes out quiet, as in `half`).
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn f16_to_f32_avx2(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::f16_to_f32_scalar(&src[..n], &mut dst[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: features guaranteed; reads of `src` and writes of `dst` (exclusively borrowed)
+    // stay below np <= n, unaligned.
+    unsafe {
+        let mut i = 0;
+        while i < np {
+            for j in 0..ARR {
+                let o = i + j * EPR;
+                _mm256_storeu_ps(pd.add(o), load_f16x8(ps.add(o)));
+            }
+            i += STEP;
+        }
+    }
+    // leftovers
+    for i in np..n {
+        dst[i] = f16::from_bits(src[i]).to_f32();
+    }
+}
+
+/// f32 to f16 bit patterns, round to nearest even (`vcvtps2ph` imm 0, as ggml's
+/// `GGML_CPU_FP32_TO_FP16`); equal to `half::f16::from_f32` for every non-NaN input.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn f32_to_f16_avx2(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::f32_to_f16_scalar(&src[..n], &mut dst[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: features guaranteed; reads of `src` and writes of `dst` (exclusively borrowed)
+    // stay below np <= n, unaligned.
+    unsafe {
+        let mut i = 0;
+        while i < np {
+            for j in 0..ARR {
+                let o = i + j * EPR;
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(ps.add(o)));
+                _mm_storeu_si128(pd.add(o).cast(), h);
+            }
+            i += STEP;
+        }
+    }
+    // leftovers
+    for i in np..n {
+        dst[i] = f16::from_f32(src[i]).to_bits();
+    }
+}
+
+/// bf16 bit patterns to f32, exact: the 16 bits become the high half of the f32. A NaN also
+/// gets its quiet bit set, as `half::bf16::to_f32` (the scalar reference) does; ggml's plain
+/// shift would keep a signalling NaN signalling.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn bf16_to_f32_avx2(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::bf16_to_f32_scalar(&src[..n], &mut dst[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: features guaranteed; reads of `src` and writes of `dst` (exclusively borrowed)
+    // stay below np <= n, unaligned.
+    unsafe {
+        let mut i = 0;
+        while i < np {
+            for j in 0..ARR {
+                let o = i + j * EPR;
+                let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(ps.add(o).cast()));
+                let abs = _mm256_and_si256(w, _mm256_set1_epi32(0x7fff));
+                let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f80));
+                let w = _mm256_or_si256(w, _mm256_and_si256(nan, _mm256_set1_epi32(0x40)));
+                _mm256_storeu_ps(pd.add(o), _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w)));
+            }
+            i += STEP;
+        }
+    }
+    // leftovers
+    for i in np..n {
+        dst[i] = bf16::from_bits(src[i]).to_f32();
+    }
+}
+
+/// f32 to bf16 with ggml's rounding (nearest even, NaN made quiet); bit-identical to
+/// `scalar::f32_to_bf16_one` for every input.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn f32_to_bf16_avx2(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::f32_to_bf16_scalar(&src[..n], &mut dst[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: features guaranteed; reads of `src` and writes of `dst` (exclusively borrowed)
+    // stay below np <= n, unaligned.
+    unsafe {
+        let mut i = 0;
+        while i < np {
+            for j in 0..ARR {
+                let o = i + j * EPR;
+                let h = f32_to_bf16x8(_mm256_loadu_ps(ps.add(o)));
+                _mm_storeu_si128(pd.add(o).cast(), h);
+            }
+            i += STEP;
+        }
+    }
+    // leftovers
+    for i in np..n {
+        dst[i] = scalar::f32_to_bf16_one(src[i]);
+    }
+}

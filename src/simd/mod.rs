@@ -1,0 +1,158 @@
+//! The hot loops, in one table of kernels chosen once per process.
+//!
+//! Every kernel exists as a scalar reference (`scalar.rs`, always compiled) and, where the CPU
+//! has them, as AVX2+FMA+F16C (`avx2.rs`) or NEON (`neon.rs`) versions. [`kernels()`] picks the
+//! best table once (runtime CPUID on x86_64; NEON is the aarch64 baseline, so it is chosen by
+//! `cfg`) and every caller goes through the safe methods of [`Kernels`]. Tests build a specific
+//! table with [`Kernels::scalar`] / [`Kernels::avx2`] / [`Kernels::neon`] and compare.
+//!
+//! Reductions use a fixed accumulation order per table, so a result never depends on how
+//! rayon split the work, only on which table the CPU selected.
+
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
+pub(crate) mod scalar;
+
+/// Function pointers of one implementation. The pointers are `unsafe fn` because the ISA
+/// versions carry `#[target_feature]`; a table is only constructed after its features were
+/// detected, which is what makes the safe wrappers below sound.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub name: &'static str,
+    dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
+    dot_f16: unsafe fn(&[u16], &[u16]) -> f32,
+    sqdist_f32: unsafe fn(&[f32], &[f32]) -> f32,
+    axpy_f32: unsafe fn(&mut [f32], f32, &[f32]),
+    f16_to_f32: unsafe fn(&[u16], &mut [f32]),
+    f32_to_f16: unsafe fn(&[f32], &mut [u16]),
+    bf16_to_f32: unsafe fn(&[u16], &mut [f32]),
+    f32_to_bf16: unsafe fn(&[f32], &mut [u16]),
+}
+
+impl Kernels {
+    /// The scalar reference table; always available.
+    pub fn scalar() -> &'static Kernels {
+        static T: Kernels = Kernels {
+            name: "scalar",
+            dot_f32: scalar::dot_f32_scalar,
+            dot_f16: scalar::dot_f16_scalar,
+            sqdist_f32: scalar::sqdist_f32_scalar,
+            axpy_f32: scalar::axpy_f32_scalar,
+            f16_to_f32: scalar::f16_to_f32_scalar,
+            f32_to_f16: scalar::f32_to_f16_scalar,
+            bf16_to_f32: scalar::bf16_to_f32_scalar,
+            f32_to_bf16: scalar::f32_to_bf16_scalar,
+        };
+        &T
+    }
+
+    /// The AVX2+FMA+F16C table, or `None` when this CPU lacks one of the three.
+    #[cfg(target_arch = "x86_64")]
+    pub fn avx2() -> Option<&'static Kernels> {
+        avx2::table()
+    }
+
+    /// The NEON table (aarch64 baseline, so always `Some` there).
+    #[cfg(target_arch = "aarch64")]
+    pub fn neon() -> Option<&'static Kernels> {
+        neon::table()
+    }
+
+    /// Every table this CPU can run, scalar first; for tests and benches.
+    pub fn all_available() -> Vec<&'static Kernels> {
+        #[allow(unused_mut)]
+        let mut v = vec![Kernels::scalar()];
+        #[cfg(target_arch = "x86_64")]
+        v.extend(Kernels::avx2());
+        #[cfg(target_arch = "aarch64")]
+        v.extend(Kernels::neon());
+        v
+    }
+
+    /// Σ a·b.
+    #[inline]
+    pub fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        // SAFETY: the table was built only after its CPU features were detected.
+        unsafe { (self.dot_f32)(a, b) }
+    }
+
+    /// Σ a·b over f16 bit patterns, accumulated in f32.
+    #[inline]
+    pub fn dot_f16(&self, a: &[u16], b: &[u16]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        // SAFETY: as in `dot_f32`.
+        unsafe { (self.dot_f16)(a, b) }
+    }
+
+    /// Σ (a−b)².
+    #[inline]
+    pub fn sqdist_f32(&self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        // SAFETY: as in `dot_f32`.
+        unsafe { (self.sqdist_f32)(a, b) }
+    }
+
+    /// y += a·x.
+    #[inline]
+    pub fn axpy_f32(&self, y: &mut [f32], a: f32, x: &[f32]) {
+        assert_eq!(y.len(), x.len());
+        // SAFETY: as in `dot_f32`.
+        unsafe { (self.axpy_f32)(y, a, x) }
+    }
+
+    /// f16 bit patterns to f32 (exact).
+    #[inline]
+    pub fn f16_to_f32(&self, src: &[u16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        // SAFETY: as in `dot_f32`.
+        unsafe { (self.f16_to_f32)(src, dst) }
+    }
+
+    /// f32 to f16 bit patterns, round to nearest even (ggml's `GGML_FP32_TO_FP16`).
+    #[inline]
+    pub fn f32_to_f16(&self, src: &[f32], dst: &mut [u16]) {
+        assert_eq!(src.len(), dst.len());
+        // SAFETY: as in `dot_f32`.
+        unsafe { (self.f32_to_f16)(src, dst) }
+    }
+
+    /// bf16 bit patterns to f32 (exact).
+    #[inline]
+    pub fn bf16_to_f32(&self, src: &[u16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        // SAFETY: as in `dot_f32`.
+        unsafe { (self.bf16_to_f32)(src, dst) }
+    }
+
+    /// f32 to bf16, round to nearest even, NaN made quiet (ggml's `ggml_compute_fp32_to_bf16`).
+    #[inline]
+    pub fn f32_to_bf16(&self, src: &[f32], dst: &mut [u16]) {
+        assert_eq!(src.len(), dst.len());
+        // SAFETY: as in `dot_f32`.
+        unsafe { (self.f32_to_bf16)(src, dst) }
+    }
+}
+
+/// The best table for this CPU, detected once.
+pub fn kernels() -> &'static Kernels {
+    static BEST: OnceLock<&'static Kernels> = OnceLock::new();
+    BEST.get_or_init(|| {
+        if std::env::var_os("KVM_FORCE_SCALAR").is_some() {
+            return Kernels::scalar();
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = Kernels::avx2() {
+            return t;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(t) = Kernels::neon() {
+            return t;
+        }
+        Kernels::scalar()
+    })
+}

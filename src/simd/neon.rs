@@ -1,0 +1,394 @@
+//! NEON kernels (aarch64). NEON (ASIMD) is part of the aarch64 baseline, so [`table`] needs
+//! no run-time check and always returns the table (memchr's `arch/aarch64` does the same).
+//!
+//! Same shape and fixed order as `avx2.rs` (ggml `vec.h`), with four f32 lanes per register:
+//!
+//! ```text
+//! if n < EPR            -> scalar reference
+//! np = n & !(STEP - 1)
+//! for i in (0..np).step_by(STEP):  acc[j] = op(acc[j], x[i + j*EPR ..], ..)   j in 0..ARR
+//! reduce: (acc[0]+acc[2]) + (acc[1]+acc[3]), then `faddp` across lanes ((l0+l1)+(l2+l3))
+//! // leftovers: i in np..n, one element at a time, added onto the reduced sum
+//! ```
+//!
+//! f16 <-> f32 uses inline asm `fcvtl` / `fcvtn` (base ARMv8 floating point) on u16 bit
+//! patterns loaded with `vld1_u16`, not the NEON f16 intrinsics, which need the unstable
+//! `stdarch_neon_f16` types (rust-lang/rust#136306; candle `cpu/neon.rs` does the same).
+//! `fcvtn` rounds by FPCR.RMode, round-to-nearest-even unless someone changed it, which is
+//! what `half::f16::from_f32` does. bf16 is pure integer work, bit-identical to `scalar.rs`
+//! (NaN quieting included).
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use half::{bf16, f16};
+
+use super::{scalar, Kernels};
+
+/// Elements per loop step (ggml `GGML_F32_STEP`).
+const STEP: usize = 16;
+/// Elements per register (ggml `GGML_F32_EPR`): four f32 lanes of a `float32x4_t`.
+const EPR: usize = 4;
+/// Independent registers per step (ggml `GGML_F32_ARR`).
+const ARR: usize = STEP / EPR;
+
+/// The NEON table. Always `Some`: NEON is mandatory on aarch64 and enabled by the
+/// `aarch64-*` targets, so there is nothing to detect.
+pub(crate) fn table() -> Option<&'static Kernels> {
+    static T: Kernels = Kernels {
+        name: "neon",
+        dot_f32: dot_f32_neon,
+        dot_f16: dot_f16_neon,
+        sqdist_f32: sqdist_f32_neon,
+        axpy_f32: axpy_f32_neon,
+        f16_to_f32: f16_to_f32_neon,
+        f32_to_f16: f32_to_f16_neon,
+        bf16_to_f32: bf16_to_f32_neon,
+        f32_to_bf16: f32_to_bf16_neon,
+    };
+    Some(&T)
+}
+
+////////////////////////////////// helpers //////////////////////////////////
+
+/// Four f16 bit patterns at `p`, widened exactly to f32 with `fcvtl`.
+///
+/// # Safety
+/// `p..p+4` is readable.
+#[inline(always)]
+unsafe fn load_f16x4(p: *const u16) -> float32x4_t {
+    // SAFETY: the caller guarantees four readable u16 (vld1 has no alignment need); `fcvtl`
+    // is base ARMv8 FP/SIMD, touches only the named registers and no memory or flags.
+    unsafe {
+        let h = vld1_u16(p);
+        let r: float32x4_t;
+        asm!("fcvtl {r:v}.4s, {h:v}.4h", r = lateout(vreg) r, h = in(vreg) h,
+             options(pure, nomem, nostack, preserves_flags));
+        r
+    }
+}
+
+/// Four f32 narrowed to f16 bit patterns with `fcvtn` (rounding by FPCR, nearest even).
+///
+/// # Safety
+/// None beyond running on aarch64; `unsafe` because it is inline asm.
+#[inline(always)]
+unsafe fn f32_to_f16x4(x: float32x4_t) -> uint16x4_t {
+    let r: uint16x4_t;
+    // SAFETY: `fcvtn` is base ARMv8 FP/SIMD and touches only the named registers.
+    unsafe {
+        asm!("fcvtn {r:v}.4h, {x:v}.4s", r = lateout(vreg) r, x = in(vreg) x,
+             options(pure, nomem, nostack, preserves_flags));
+    }
+    r
+}
+
+/// The fixed-order reduction of the accumulators, see the module comment.
+///
+/// # Safety
+/// None on aarch64 (NEON is baseline).
+#[inline(always)]
+// Register arithmetic only: the intrinsics are safe to call where NEON is enabled since
+// Rust 1.87, but were `unsafe fn` before, so the block stays for older toolchains.
+#[allow(unused_unsafe)]
+unsafe fn reduce(acc: [float32x4_t; ARR]) -> f32 {
+    // SAFETY: NEON is enabled on every aarch64 target; no memory is touched.
+    unsafe {
+        vaddvq_f32(vaddq_f32(
+            vaddq_f32(acc[0], acc[2]),
+            vaddq_f32(acc[1], acc[3]),
+        ))
+    }
+}
+
+/// ggml's f32 -> bf16 rounding on four lanes.
+///
+/// # Safety
+/// None on aarch64 (NEON is baseline).
+#[inline(always)]
+#[allow(unused_unsafe)] // as in `reduce`
+unsafe fn f32_to_bf16x4(x: float32x4_t) -> uint16x4_t {
+    // SAFETY: NEON is enabled on every aarch64 target; no memory is touched.
+    unsafe {
+        let u = vreinterpretq_u32_f32(x);
+        let nan = vcgtq_u32(
+            vandq_u32(u, vdupq_n_u32(0x7fff_ffff)),
+            vdupq_n_u32(0x7f80_0000),
+        );
+        let hi = vshrq_n_u32::<16>(u);
+        let quiet = vorrq_u32(hi, vdupq_n_u32(64));
+        // u + 0x7fff + lsb cannot wrap for non-NaN u (max 0xff800000); NaN lanes are replaced.
+        let bias = vaddq_u32(vandq_u32(hi, vdupq_n_u32(1)), vdupq_n_u32(0x7fff));
+        let rounded = vshrq_n_u32::<16>(vaddq_u32(u, bias));
+        // Every lane is <= 0xffff, so narrowing keeps the value.
+        vmovn_u32(vbslq_u32(nan, quiet, rounded))
+    }
+}
+
+////////////////////////////////// kernels //////////////////////////////////
+
+/// Σ a·b over `min(a.len(), b.len())` elements (the table's wrapper asserts equal lengths).
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::dot_f32_scalar(&a[..n], &b[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: every load reads i + j*EPR .. +EPR <= np <= n elements of both slices;
+    // vld1 needs no alignment.
+    let mut sumf = unsafe {
+        let mut acc = [vdupq_n_f32(0.0); ARR];
+        let mut i = 0;
+        while i < np {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let o = i + j * EPR;
+                *s = vfmaq_f32(*s, vld1q_f32(pa.add(o)), vld1q_f32(pb.add(o)));
+            }
+            i += STEP;
+        }
+        reduce(acc)
+    };
+    // leftovers
+    for i in np..n {
+        sumf = a[i].mul_add(b[i], sumf);
+    }
+    sumf
+}
+
+/// Σ a·b over f16 bit patterns, each widened exactly, accumulated in f32.
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn dot_f16_neon(a: &[u16], b: &[u16]) -> f32 {
+    let n = a.len().min(b.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::dot_f16_scalar(&a[..n], &b[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: as in `dot_f32_neon`, loads stay below np <= n.
+    let mut sumf = unsafe {
+        let mut acc = [vdupq_n_f32(0.0); ARR];
+        let mut i = 0;
+        while i < np {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let o = i + j * EPR;
+                *s = vfmaq_f32(*s, load_f16x4(pa.add(o)), load_f16x4(pb.add(o)));
+            }
+            i += STEP;
+        }
+        reduce(acc)
+    };
+    // leftovers
+    for i in np..n {
+        sumf = f16::from_bits(a[i])
+            .to_f32()
+            .mul_add(f16::from_bits(b[i]).to_f32(), sumf);
+    }
+    sumf
+}
+
+/// Σ (a−b)².
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn sqdist_f32_neon(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::sqdist_f32_scalar(&a[..n], &b[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: as in `dot_f32_neon`, loads stay below np <= n.
+    let mut sumf = unsafe {
+        let mut acc = [vdupq_n_f32(0.0); ARR];
+        let mut i = 0;
+        while i < np {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let o = i + j * EPR;
+                let d = vsubq_f32(vld1q_f32(pa.add(o)), vld1q_f32(pb.add(o)));
+                *s = vfmaq_f32(*s, d, d);
+            }
+            i += STEP;
+        }
+        reduce(acc)
+    };
+    // leftovers
+    for i in np..n {
+        let d = a[i] - b[i];
+        sumf = d.mul_add(d, sumf);
+    }
+    sumf
+}
+
+/// y += a·x, one fused multiply-add per element (bit-identical to the scalar kernel).
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn axpy_f32_neon(y: &mut [f32], a: f32, x: &[f32]) {
+    let n = y.len().min(x.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::axpy_f32_scalar(&mut y[..n], a, &x[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+    // SAFETY: every access is i + j*EPR .. +EPR <= np <= n elements into `y` (exclusively
+    // borrowed) or `x`; vld1/vst1 need no alignment.
+    unsafe {
+        let va = vdupq_n_f32(a);
+        let mut i = 0;
+        while i < np {
+            for j in 0..ARR {
+                let o = i + j * EPR;
+                let r = vfmaq_f32(vld1q_f32(py.add(o)), va, vld1q_f32(px.add(o)));
+                vst1q_f32(py.add(o), r);
+            }
+            i += STEP;
+        }
+    }
+    // leftovers
+    for i in np..n {
+        y[i] = a.mul_add(x[i], y[i]);
+    }
+}
+
+/// f16 bit patterns to f32, exact (`fcvtl`).
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn f16_to_f32_neon(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::f16_to_f32_scalar(&src[..n], &mut dst[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: reads of `src` and writes of `dst` (exclusively borrowed) stay below np <= n.
+    unsafe {
+        let mut i = 0;
+        while i < np {
+            for j in 0..ARR {
+                let o = i + j * EPR;
+                vst1q_f32(pd.add(o), load_f16x4(ps.add(o)));
+            }
+            i += STEP;
+        }
+    }
+    // leftovers
+    for i in np..n {
+        dst[i] = f16::from_bits(src[i]).to_f32();
+    }
+}
+
+/// f32 to f16 bit patterns, round to nearest even (`fcvtn` under the default FPCR); equal to
+/// `half::f16::from_f32` for every non-NaN input.
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn f32_to_f16_neon(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::f32_to_f16_scalar(&src[..n], &mut dst[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: reads of `src` and writes of `dst` (exclusively borrowed) stay below np <= n.
+    unsafe {
+        let mut i = 0;
+        while i < np {
+            for j in 0..ARR {
+                let o = i + j * EPR;
+                vst1_u16(pd.add(o), f32_to_f16x4(vld1q_f32(ps.add(o))));
+            }
+            i += STEP;
+        }
+    }
+    // leftovers
+    for i in np..n {
+        dst[i] = f16::from_f32(src[i]).to_bits();
+    }
+}
+
+/// bf16 bit patterns to f32, exact: the 16 bits become the high half of the f32. A NaN also
+/// gets its quiet bit set, as `half::bf16::to_f32` (the scalar reference) does; ggml's plain
+/// shift would keep a signalling NaN signalling.
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn bf16_to_f32_neon(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::bf16_to_f32_scalar(&src[..n], &mut dst[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: reads of `src` and writes of `dst` (exclusively borrowed) stay below np <= n.
+    unsafe {
+        let mut i = 0;
+        while i < np {
+            for j in 0..ARR {
+                let o = i + j * EPR;
+                let w = vmovl_u16(vld1_u16(ps.add(o)));
+                let nan = vcgtq_u32(vandq_u32(w, vdupq_n_u32(0x7fff)), vdupq_n_u32(0x7f80));
+                let w = vorrq_u32(w, vandq_u32(nan, vdupq_n_u32(0x40)));
+                vst1q_f32(pd.add(o), vreinterpretq_f32_u32(vshlq_n_u32::<16>(w)));
+            }
+            i += STEP;
+        }
+    }
+    // leftovers
+    for i in np..n {
+        dst[i] = bf16::from_bits(src[i]).to_f32();
+    }
+}
+
+/// f32 to bf16 with ggml's rounding (nearest even, NaN made quiet); bit-identical to
+/// `scalar::f32_to_bf16_one` for every input.
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn f32_to_bf16_neon(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    if n < EPR {
+        // SAFETY: the scalar kernel has no precondition.
+        return unsafe { scalar::f32_to_bf16_scalar(&src[..n], &mut dst[..n]) };
+    }
+    let np = n & !(STEP - 1);
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: reads of `src` and writes of `dst` (exclusively borrowed) stay below np <= n.
+    unsafe {
+        let mut i = 0;
+        while i < np {
+            for j in 0..ARR {
+                let o = i + j * EPR;
+                vst1_u16(pd.add(o), f32_to_bf16x4(vld1q_f32(ps.add(o))));
+            }
+            i += STEP;
+        }
+    }
+    // leftovers
+    for i in np..n {
+        dst[i] = scalar::f32_to_bf16_one(src[i]);
+    }
+}

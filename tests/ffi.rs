@@ -1,0 +1,462 @@
+//! The C ABI's answers to bad input: a status, a message, no output written, and every buffer
+//! left as it was.
+
+mod common;
+
+use std::ptr::{null, null_mut};
+
+use common::*;
+use kvmerger::ffi::*;
+use kvmerger::layout::GgmlType;
+
+type Snapshot = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn fixture() -> (Cache, Snapshot) {
+    let cache = Cache::new(&Shape::small(GgmlType::F16, GgmlType::F16, false), 77);
+    let snap = cache.snapshot();
+    (cache, snap)
+}
+
+/// Plans and applies with `views` modified by `f`; expects `want` and an untouched cache.
+fn expect_refused(want: kvm_status, f: impl Fn(&mut Vec<kvm_layer_view>)) {
+    let (mut cache, snap) = fixture();
+    let mut views = cache.views();
+    f(&mut views);
+    let cells: Vec<u32> = (0..64).collect();
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    let got = run_plan(&ctx, &views, &cells, None, None, 8, true);
+    assert_eq!(got, Err(want), "{}", last_error());
+    assert!(!last_error().is_empty());
+    assert_eq!(cache.snapshot(), snap, "buffers touched");
+}
+
+#[test]
+fn null_arguments() {
+    let (mut cache, snap) = fixture();
+    let views = cache.views();
+    let cells: Vec<u32> = (0..64).collect();
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    let mut plan = null_mut();
+    // SAFETY: every pointer below is NULL or valid.
+    unsafe {
+        assert_eq!(
+            kvm_plan_init(
+                null(),
+                views.as_ptr(),
+                3,
+                cells.as_ptr(),
+                64,
+                null(),
+                null(),
+                4,
+                &mut plan
+            ),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        assert!(last_error().contains("ctx"));
+        assert_eq!(
+            kvm_plan_init(
+                ctx.0,
+                null(),
+                3,
+                cells.as_ptr(),
+                64,
+                null(),
+                null(),
+                4,
+                &mut plan
+            ),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        assert_eq!(
+            kvm_plan_init(
+                ctx.0,
+                views.as_ptr(),
+                3,
+                null(),
+                64,
+                null(),
+                null(),
+                4,
+                &mut plan
+            ),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        assert_eq!(
+            kvm_plan_init(
+                ctx.0,
+                views.as_ptr(),
+                3,
+                cells.as_ptr(),
+                64,
+                null(),
+                null(),
+                4,
+                null_mut()
+            ),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        assert!(plan.is_null());
+        assert_eq!(
+            kvm_plan_apply(ctx.0, null(), views.as_ptr(), 3),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        assert_eq!(
+            kvm_plan_get(null(), null_mut()),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        assert_eq!(
+            kvm_ctx_init(null(), null_mut()),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        assert_eq!(kvm_calib_init(null_mut()), kvm_status::KVM_STATUS_NULL_ARG);
+        assert_eq!(
+            kvm_calib_save(null(), c"/tmp/x".as_ptr()),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        let mut cal = null_mut();
+        assert_eq!(
+            kvm_calib_load(null(), &mut cal),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        assert!(cal.is_null());
+        let mut attn = [0f32; 64];
+        assert_eq!(
+            kvm_attn_from_queries(
+                ctx.0,
+                views.as_ptr(),
+                null(),
+                1,
+                2,
+                0.1,
+                cells.as_ptr(),
+                64,
+                null(),
+                attn.as_mut_ptr()
+            ),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        assert_eq!(
+            kvm_attn_add_probs(
+                ctx.0,
+                null(),
+                64,
+                1,
+                64,
+                cells.as_ptr(),
+                64,
+                attn.as_mut_ptr()
+            ),
+            kvm_status::KVM_STATUS_NULL_ARG
+        );
+        // Free of NULL is fine; an empty window with NULL pointers is a valid request.
+        kvm_ctx_free(null_mut());
+        kvm_plan_free(null_mut());
+        kvm_calib_free(null_mut());
+        assert_eq!(
+            kvm_plan_init(
+                ctx.0,
+                views.as_ptr(),
+                3,
+                null(),
+                0,
+                null(),
+                null(),
+                0,
+                &mut plan
+            ),
+            kvm_status::KVM_STATUS_OK
+        );
+        kvm_plan_free(plan);
+    }
+    assert_eq!(cache.snapshot(), snap);
+}
+
+#[test]
+fn bad_views() {
+    expect_refused(
+        kvm_status::KVM_STATUS_BAD_TYPE,
+        |v| v[1].k.r#type = 3, /* q4_1 */
+    );
+    expect_refused(kvm_status::KVM_STATUS_BAD_TYPE, |v| v[2].v.r#type = -1);
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| v[0].k.nb[0] = 4);
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| v[0].k.nb[1] = 2);
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| v[0].k.ne[2] = 2);
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| v[0].k.ne[1] = -1);
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| v[1].v.ne[1] = 63);
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| {
+        v[1].k.nb[1] = usize::MAX / 2
+    });
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| {
+        v[1].k.data = (v[1].k.data as usize + 1) as *mut _
+    });
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| v[1].n_head_kv = 3);
+    expect_refused(kvm_status::KVM_STATUS_INVALID_ARG, |v| {
+        v[1].n_embd_head_k = 0
+    });
+    // Two layers that share a buffer, and K overlapping V.
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| v[2].k = v[0].k);
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| {
+        v[0].v.data = v[0].k.data
+    });
+    expect_refused(kvm_status::KVM_STATUS_NULL_ARG, |v| {
+        v[0].v.data = null_mut()
+    });
+    // Transposed V must have one column per cell and cannot be quantized.
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| {
+        v[0].v_trans = true;
+        v[0].v.ne[1] = 32;
+    });
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| {
+        v[0].v_trans = true;
+        v[0].v.r#type = 8;
+        v[0].v.nb[0] = 34;
+    });
+    expect_refused(kvm_status::KVM_STATUS_BAD_LAYOUT, |v| {
+        v[0].k.r#type = 8;
+        v[0].k.nb[0] = 34;
+        v[0].k.ne[0] = 48;
+    });
+}
+
+#[test]
+fn bad_windows_and_params() {
+    let (mut cache, snap) = fixture();
+    let views = cache.views();
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    let dup: Vec<u32> = vec![1, 2, 3, 2];
+    assert_eq!(
+        run_plan(&ctx, &views, &dup, None, None, 0, true),
+        Err(kvm_status::KVM_STATUS_INVALID_ARG)
+    );
+    let oob: Vec<u32> = vec![1, 64];
+    assert_eq!(
+        run_plan(&ctx, &views, &oob, None, None, 0, true),
+        Err(kvm_status::KVM_STATUS_INVALID_ARG)
+    );
+    let cells: Vec<u32> = (0..64).collect();
+    let nan = vec![f32::NAN; 64];
+    assert_eq!(
+        run_plan(&ctx, &views, &cells, Some(&nan), None, 4, true),
+        Err(kvm_status::KVM_STATUS_INVALID_ARG)
+    );
+    let zero = vec![0u32; 64];
+    assert_eq!(
+        run_plan(&ctx, &views, &cells, None, Some(&zero), 4, true),
+        Err(kvm_status::KVM_STATUS_INVALID_ARG)
+    );
+    assert_eq!(
+        run_plan(&ctx, &views, &cells, None, None, 64, true),
+        Err(kvm_status::KVM_STATUS_BUDGET)
+    );
+    assert!(last_error().contains("cannot free 64"), "{}", last_error());
+    for bad in [
+        |p: &mut kvm_params| p.method = 99,
+        |p: &mut kvm_params| p.pivot = -1,
+        |p: &mut kvm_params| p.sigma_mode = 7,
+        |p: &mut kvm_params| p.value_mode = 3,
+        |p: &mut kvm_params| p.heavy_frac = 1.5,
+        |p: &mut kvm_params| p.sim_floor = f32::NAN,
+        |p: &mut kvm_params| {
+            p.sigma_mode = 1;
+            p.sigma = 0.0
+        },
+        |p: &mut kvm_params| p.max_set = 1,
+        |p: &mut kvm_params| p.cam_span = 0,
+    ] {
+        let mut p = kvm_params_default();
+        bad(&mut p);
+        let mut c = null_mut();
+        // SAFETY: valid pointers.
+        let st = unsafe { kvm_ctx_init(&p, &mut c) };
+        assert_eq!(st, kvm_status::KVM_STATUS_INVALID_ARG);
+        assert!(c.is_null());
+    }
+    assert_eq!(cache.snapshot(), snap);
+}
+
+#[test]
+fn apply_refuses_other_views() {
+    let (mut cache, snap) = fixture();
+    let views = cache.views();
+    let cells: Vec<u32> = (0..64).collect();
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    let mut plan = null_mut();
+    // SAFETY: valid pointers and live buffers.
+    unsafe {
+        assert_eq!(
+            kvm_plan_init(
+                ctx.0,
+                views.as_ptr(),
+                3,
+                cells.as_ptr(),
+                64,
+                null(),
+                null(),
+                8,
+                &mut plan
+            ),
+            kvm_status::KVM_STATUS_OK
+        );
+        assert_eq!(
+            kvm_plan_apply(ctx.0, plan, views.as_ptr(), 2),
+            kvm_status::KVM_STATUS_MISMATCH
+        );
+        let mut other = Cache::new(&Shape::small(GgmlType::F32, GgmlType::F16, false), 1);
+        let ov = other.views();
+        assert_eq!(
+            kvm_plan_apply(ctx.0, plan, ov.as_ptr(), 3),
+            kvm_status::KVM_STATUS_MISMATCH
+        );
+        kvm_plan_free(plan);
+    }
+    assert_eq!(cache.snapshot(), snap);
+}
+
+#[test]
+fn status_strings_and_info() {
+    for s in -1..=11 {
+        // SAFETY: static strings.
+        let m = unsafe { std::ffi::CStr::from_ptr(kvm_status_str(s)) }
+            .to_str()
+            .unwrap();
+        assert!(!m.is_empty());
+    }
+    // SAFETY: static string.
+    let k = unsafe { std::ffi::CStr::from_ptr(kvm_kernels_name()) }
+        .to_str()
+        .unwrap();
+    assert!(["avx2", "neon", "scalar"].contains(&k));
+    assert_eq!(kvm_abi_version(), KVM_ABI_VERSION);
+    assert_eq!(kvm_has_cuda(), cfg!(feature = "cuda"));
+    let d = kvm_params_default();
+    assert_eq!((d.method, d.n_sink, d.n_recent), (0, 4, 32));
+    let ctx = Ctx::new(&d);
+    let mut back = kvm_params_default();
+    back.n_sink = 99;
+    // SAFETY: valid pointers.
+    let st = unsafe { kvm_ctx_params(ctx.0, &mut back) };
+    assert_eq!(st, kvm_status::KVM_STATUS_OK);
+    assert_eq!(back.n_sink, 4);
+    assert!(back.n_threads >= 1);
+}
+
+#[test]
+fn attention_from_queries_and_probs() {
+    let mut s = Shape::small(GgmlType::F32, GgmlType::F32, false);
+    s.n_layers = 1;
+    let mut cache = Cache::new(&s, 5);
+    let views = cache.views();
+    let cells: Vec<u32> = (0..64).collect();
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    // Four query heads over two KV heads; the query equals cell 9's key in KV head 0, scaled up,
+    // so query heads 0 and 1 attend almost only to cell 9.
+    let n_head = 4;
+    let mut q = vec![0f32; n_head * 32];
+    let k9 = cache.layers[0].get_k(9, 0);
+    for hq in 0..2 {
+        q[hq * 32..(hq + 1) * 32]
+            .iter_mut()
+            .zip(&k9)
+            .for_each(|(a, b)| *a = 8.0 * b);
+    }
+    let mut attn = vec![0f32; 64];
+    // SAFETY: valid pointers and lengths.
+    let st = unsafe {
+        kvm_attn_from_queries(
+            ctx.0,
+            views.as_ptr(),
+            q.as_ptr(),
+            1,
+            n_head as u32,
+            1.0,
+            cells.as_ptr(),
+            64,
+            null(),
+            attn.as_mut_ptr(),
+        )
+    };
+    assert_eq!(st, kvm_status::KVM_STATUS_OK, "{}", last_error());
+    let total: f32 = attn.iter().sum();
+    assert!(
+        (total - n_head as f32).abs() < 1e-3,
+        "each query head's softmax sums to 1: {total}"
+    );
+    let best = (0..64)
+        .max_by(|&a, &b| attn[a].total_cmp(&attn[b]))
+        .unwrap();
+    assert_eq!(best, 9);
+    assert!(attn[9] > 1.5);
+    // A bias of -inf masks a cell.
+    let mut bias = vec![0f32; 64];
+    bias[9] = f32::NEG_INFINITY;
+    let mut attn2 = vec![0f32; 64];
+    // SAFETY: as above.
+    unsafe {
+        kvm_attn_from_queries(
+            ctx.0,
+            views.as_ptr(),
+            q.as_ptr(),
+            1,
+            n_head as u32,
+            1.0,
+            cells.as_ptr(),
+            64,
+            bias.as_ptr(),
+            attn2.as_mut_ptr(),
+        )
+    };
+    assert_eq!(attn2[9], 0.0);
+    // Bad head count.
+    // SAFETY: as above.
+    let st = unsafe {
+        kvm_attn_from_queries(
+            ctx.0,
+            views.as_ptr(),
+            q.as_ptr(),
+            1,
+            3,
+            1.0,
+            cells.as_ptr(),
+            64,
+            null(),
+            attn.as_mut_ptr(),
+        )
+    };
+    assert_eq!(st, kvm_status::KVM_STATUS_INVALID_ARG);
+
+    // Softmax rows: 3 rows of 70 with stride 72, cells map into columns.
+    let probs: Vec<f32> = (0..3 * 72).map(|i| (i % 72) as f32).collect();
+    let sub: Vec<u32> = vec![5, 69, 0];
+    let mut a = vec![1f32; 3];
+    // SAFETY: as above.
+    let st = unsafe {
+        kvm_attn_add_probs(
+            ctx.0,
+            probs.as_ptr(),
+            70,
+            3,
+            72,
+            sub.as_ptr(),
+            3,
+            a.as_mut_ptr(),
+        )
+    };
+    assert_eq!(st, kvm_status::KVM_STATUS_OK);
+    assert_eq!(a, vec![1.0 + 15.0, 1.0 + 3.0 * 69.0, 1.0]);
+    let bad: Vec<u32> = vec![70];
+    // SAFETY: as above.
+    let st = unsafe {
+        kvm_attn_add_probs(
+            ctx.0,
+            probs.as_ptr(),
+            70,
+            3,
+            72,
+            bad.as_ptr(),
+            1,
+            a.as_mut_ptr(),
+        )
+    };
+    assert_eq!(st, kvm_status::KVM_STATUS_INVALID_ARG);
+}
