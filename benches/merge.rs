@@ -123,6 +123,16 @@ fn ctx() -> *mut kvm_ctx {
 
 fn plan(ctx: *mut kvm_ctx, views: &[kvm_layer_view], cells: &[u32], n_free: u32) -> *mut kvm_plan {
     let mut pl = std::ptr::null_mut();
+    // Attention as a host would pass it (the pivot criterion); KVM_BENCH_NO_ATTN=1 times the
+    // query-free fallback instead, which reads every merged member's keys once more.
+    let attn: Vec<f32> = (0..cells.len())
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+        .collect();
+    let attn_ptr = if std::env::var("KVM_BENCH_NO_ATTN").is_ok_and(|v| v == "1") {
+        std::ptr::null()
+    } else {
+        attn.as_ptr()
+    };
     // SAFETY: valid pointers, live buffers.
     let st = unsafe {
         kvm_plan_init(
@@ -131,7 +141,7 @@ fn plan(ctx: *mut kvm_ctx, views: &[kvm_layer_view], cells: &[u32], n_free: u32)
             views.len(),
             cells.as_ptr(),
             cells.len(),
-            std::ptr::null(),
+            attn_ptr,
             std::ptr::null(),
             n_free,
             &mut pl,

@@ -478,6 +478,46 @@ pub trait LayerRows {
         (g.k.ty == GgmlType::F16).then(|| as_u16(&self.k_bytes()[head_range(&g.k, cell, h, g.dk)]))
     }
 
+    /// All heads of cell `cell`'s key as f32 into `out` (`out.len() == n_head·dk`; row padding
+    /// is not read).
+    fn read_k_row(&self, kern: &Kernels, cell: usize, out: &mut [f32]) {
+        let g = self.geom();
+        let start = cell * g.k.nb1;
+        let n = g.k.ty.row_size(g.n_head * g.dk);
+        decode(kern, g.k.ty, &self.k_bytes()[start..start + n], out);
+    }
+
+    /// All heads of cell `cell`'s value as f32 into `out` (`out.len() == n_head·dv`).
+    fn read_v_row(&self, kern: &Kernels, cell: usize, out: &mut [f32]) {
+        let g = self.geom();
+        if g.v_trans {
+            let ty = g.v.ty;
+            let ts = ty.type_size();
+            for (j, o) in out.iter_mut().enumerate() {
+                let off = j * g.v.nb1 + cell * g.v.nb0;
+                decode(
+                    kern,
+                    ty,
+                    &self.v_bytes()[off..off + ts],
+                    std::slice::from_mut(o),
+                );
+            }
+        } else {
+            let start = cell * g.v.nb1;
+            let n = g.v.ty.row_size(g.n_head * g.dv);
+            decode(kern, g.v.ty, &self.v_bytes()[start..start + n], out);
+        }
+    }
+
+    /// Raw f16 key bits of all heads of `cell` (padding excluded), when K is f16.
+    fn k_row_f16(&self, cell: usize) -> Option<&[u16]> {
+        let g = self.geom();
+        (g.k.ty == GgmlType::F16).then(|| {
+            let start = cell * g.k.nb1;
+            as_u16(&self.k_bytes()[start..start + 2 * g.n_head * g.dk])
+        })
+    }
+
     /// Value of cell `cell`, KV head `h`, as f32 into `out` (`out.len() == dv`).
     fn read_v(&self, kern: &Kernels, cell: usize, h: usize, out: &mut [f32]) {
         let g = self.geom();
@@ -538,6 +578,35 @@ impl LayerMut<'_> {
             src,
             &mut self.k[head_range(&g.k, cell, h, g.dk)],
         );
+    }
+
+    /// Writes all heads of cell `cell`'s key (`src.len() == n_head·dk`; padding untouched).
+    pub fn write_k_row(&mut self, kern: &Kernels, cell: usize, src: &[f32]) {
+        let g = self.geom;
+        let start = cell * g.k.nb1;
+        let n = g.k.ty.row_size(g.n_head * g.dk);
+        encode(kern, g.k.ty, src, &mut self.k[start..start + n]);
+    }
+
+    /// Writes all heads of cell `cell`'s value (`src.len() == n_head·dv`).
+    pub fn write_v_row(&mut self, kern: &Kernels, cell: usize, src: &[f32]) {
+        let g = self.geom;
+        if g.v_trans {
+            let ts = g.v.ty.type_size();
+            for (j, s) in src.iter().enumerate() {
+                let off = j * g.v.nb1 + cell * g.v.nb0;
+                encode(
+                    kern,
+                    g.v.ty,
+                    std::slice::from_ref(s),
+                    &mut self.v[off..off + ts],
+                );
+            }
+        } else {
+            let start = cell * g.v.nb1;
+            let n = g.v.ty.row_size(g.n_head * g.dv);
+            encode(kern, g.v.ty, src, &mut self.v[start..start + n]);
+        }
     }
 
     /// Writes the value of cell `cell`, head `h`.

@@ -91,13 +91,16 @@ fn apply_layer(
 ) {
     let g = l.geom;
     let p = &plan.params;
+    let (wk, wv) = (g.n_head * g.dk, g.n_head * g.dv);
     let max_m = merged.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
-    let mut keys = vec![0f32; max_m * g.dk];
-    let mut vals = vec![0f32; g.dv];
-    let mut out_k = vec![0f32; g.dk];
-    let mut out_v = vec![0f32; g.dv];
+    // Whole rows (all heads) are read and written at once: one decode per member row instead
+    // of one per head keeps the per-call overhead small for narrow heads.
+    let mut keys = vec![0f32; max_m * wk];
+    let mut vals = vec![0f32; max_m.max(1) * wv];
+    let mut out_k = vec![0f32; wk];
+    let mut out_v = vec![0f32; wv];
     let mut d2 = vec![0f32; max_m];
-    let mut w = vec![0f32; max_m];
+    let mut w = vec![0f32; g.n_head * max_m];
     let mut cnt = vec![0f32; max_m];
     for &(sid, mem) in merged {
         let m = mem.len();
@@ -110,51 +113,70 @@ fn apply_layer(
         for (c, &i) in cnt.iter_mut().zip(mem) {
             *c = plan.counts_in[i] as f32;
         }
+        for (j, &i) in mem.iter().enumerate() {
+            l.read_k_row(
+                kern,
+                plan.cells[i] as usize,
+                &mut keys[j * wk..(j + 1) * wk],
+            );
+        }
+        // Per KV head: distances to the pivot's key in that head, then the weights.
         for h in 0..g.n_head {
+            let head = |j: usize| &keys[j * wk + h * g.dk..j * wk + (h + 1) * g.dk];
+            for j in 0..m {
+                d2[j] = kern.sqdist_f32(head(jp), head(j));
+            }
+            weights(p.sigma, &d2[..m], &cnt[..m], jp, &mut w[h * m..(h + 1) * m]);
+        }
+        if p.merge_keys {
+            out_k.iter_mut().for_each(|x| *x = 0.0);
+            for h in 0..g.n_head {
+                let o = &mut out_k[h * g.dk..(h + 1) * g.dk];
+                for j in 0..m {
+                    kern.axpy_f32(
+                        o,
+                        w[h * m + j],
+                        &keys[j * wk + h * g.dk..j * wk + (h + 1) * g.dk],
+                    );
+                }
+            }
+            l.write_k_row(kern, pc, &out_k);
+        }
+        if p.merge_values {
             for (j, &i) in mem.iter().enumerate() {
-                l.read_k(
+                l.read_v_row(
                     kern,
                     plan.cells[i] as usize,
-                    h,
-                    &mut keys[j * g.dk..(j + 1) * g.dk],
+                    &mut vals[j * wv..(j + 1) * wv],
                 );
             }
-            let kp = &keys[jp * g.dk..(jp + 1) * g.dk];
-            for j in 0..m {
-                d2[j] = kern.sqdist_f32(kp, &keys[j * g.dk..(j + 1) * g.dk]);
-            }
-            weights(p.sigma, &d2[..m], &cnt[..m], jp, &mut w[..m]);
-            if p.merge_keys {
-                out_k.iter_mut().for_each(|x| *x = 0.0);
+            out_v.iter_mut().for_each(|x| *x = 0.0);
+            for h in 0..g.n_head {
+                let o = &mut out_v[h * g.dv..(h + 1) * g.dv];
                 for j in 0..m {
-                    kern.axpy_f32(&mut out_k, w[j], &keys[j * g.dk..(j + 1) * g.dk]);
+                    kern.axpy_f32(
+                        o,
+                        w[h * m + j],
+                        &vals[j * wv + h * g.dv..j * wv + (h + 1) * g.dv],
+                    );
                 }
-                l.write_k(kern, pc, h, &out_k);
             }
-            if p.merge_values {
-                out_v.iter_mut().for_each(|x| *x = 0.0);
-                for (j, &i) in mem.iter().enumerate() {
-                    l.read_v(kern, plan.cells[i] as usize, h, &mut vals);
-                    kern.axpy_f32(&mut out_v, w[j], &vals);
-                }
-                if p.value_mode == ValueMode::Paper {
-                    out_v.iter_mut().for_each(|x| *x *= m as f32);
-                }
-                l.write_v(kern, pc, h, &out_v);
+            if p.value_mode == ValueMode::Paper {
+                out_v.iter_mut().for_each(|x| *x *= m as f32);
             }
+            l.write_v_row(kern, pc, &out_v);
         }
     }
     if p.method == Method::Cam {
         for fold in &plan.cam {
             let tc = plan.cells[fold.target] as usize;
-            for h in 0..g.n_head {
-                l.read_v(kern, tc, h, &mut out_v);
-                for &(e, wt) in &fold.sources {
-                    l.read_v(kern, plan.cells[e] as usize, h, &mut vals);
-                    kern.axpy_f32(&mut out_v, wt, &vals);
-                }
-                l.write_v(kern, tc, h, &out_v);
+            l.read_v_row(kern, tc, &mut out_v);
+            let src = &mut vals[..wv];
+            for &(e, wt) in &fold.sources {
+                l.read_v_row(kern, plan.cells[e] as usize, src);
+                kern.axpy_f32(&mut out_v, wt, src);
             }
+            l.write_v_row(kern, tc, &out_v);
         }
     }
 }

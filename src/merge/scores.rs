@@ -60,20 +60,22 @@ pub fn layer_adjacent<L: LayerRows>(kern: &'static Kernels, layer: &L, cells: &[
         return Vec::new();
     }
     let mut out = vec![0f32; n - 1];
-    if layer.k_f16(cells[0] as usize, 0).is_some() {
+    if layer.k_row_f16(cells[0] as usize).is_some() {
         // f16: dot straight from the cache, each row's norm computed once.
         let mut norms = vec![0f32; g.n_head];
         let mut prev_norms = vec![0f32; g.n_head];
+        let mut prev: &[u16] = &[];
         for (i, &c) in cells.iter().enumerate() {
-            let c = c as usize;
+            let row = layer.k_row_f16(c as usize).expect("f16");
             for h in 0..g.n_head {
-                let x = layer.k_f16(c, h).expect("f16");
+                let x = &row[h * g.dk..(h + 1) * g.dk];
                 norms[h] = kern.dot_f16(x, x);
                 if i > 0 {
-                    let y = layer.k_f16(cells[i - 1] as usize, h).expect("f16");
+                    let y = &prev[h * g.dk..(h + 1) * g.dk];
                     out[i - 1] += cosine(kern.dot_f16(x, y), norms[h], prev_norms[h]);
                 }
             }
+            prev = row;
             std::mem::swap(&mut norms, &mut prev_norms);
         }
     } else {
@@ -200,25 +202,34 @@ pub fn mean_key_distances<L: LayerRows + Sync>(
             .par_iter()
             .map(|l| {
                 let g = l.geom();
+                let w = g.n_head * g.dk;
                 let mut keys = Vec::new();
-                let mut mean = vec![0f32; g.dk];
+                let mut mean = vec![0f32; w];
                 sets.iter()
                     .map(|set| {
-                        let mut d = vec![0f32; set.len()];
-                        keys.resize(set.len() * g.dk, 0.0);
+                        // Whole rows at once; the mean is taken per head, and so is the
+                        // distance, because the heads are separate spaces.
+                        keys.resize(set.len() * w, 0.0);
                         let total: f32 = set.iter().map(|&i| counts[i] as f32).sum();
-                        for h in 0..g.n_head {
-                            mean.iter_mut().for_each(|m| *m = 0.0);
-                            for (j, &i) in set.iter().enumerate() {
-                                let k = &mut keys[j * g.dk..(j + 1) * g.dk];
-                                l.read_k(ex.kern, cells[i] as usize, h, k);
-                                ex.kern.axpy_f32(&mut mean, counts[i] as f32 / total, k);
-                            }
-                            for (j, dj) in d.iter_mut().enumerate() {
-                                *dj += ex.kern.sqdist_f32(&keys[j * g.dk..(j + 1) * g.dk], &mean);
-                            }
+                        mean.iter_mut().for_each(|m| *m = 0.0);
+                        for (j, &i) in set.iter().enumerate() {
+                            let k = &mut keys[j * w..(j + 1) * w];
+                            l.read_k_row(ex.kern, cells[i] as usize, k);
+                            ex.kern.axpy_f32(&mut mean, counts[i] as f32 / total, k);
                         }
-                        d
+                        (0..set.len())
+                            .map(|j| {
+                                (0..g.n_head)
+                                    .map(|h| {
+                                        let r = h * g.dk..(h + 1) * g.dk;
+                                        ex.kern.sqdist_f32(
+                                            &keys[j * w..(j + 1) * w][r.clone()],
+                                            &mean[r],
+                                        )
+                                    })
+                                    .sum::<f32>()
+                            })
+                            .collect()
                     })
                     .collect()
             })
