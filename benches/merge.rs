@@ -228,6 +228,41 @@ fn report(s: &'static Shape, c: &mut Criterion) {
         kvmerger::simd::kernels().name,
     );
 
+    // Attention for pivots as the llama.cpp patch computes it: 32 recent queries per layer,
+    // GQA 3:1, scored against the window at every merge event.
+    let (n_q, group) = (32usize, 3usize);
+    let n_head_q = s.n_head * group;
+    let q: Vec<f32> = (0..n_q * n_head_q * s.d)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let mut attn = vec![0f32; cells.len()];
+    let t_attn = min_time(reps, || {
+        for v in &views {
+            // SAFETY: valid pointers and lengths, live buffers.
+            let st = unsafe {
+                kvm_attn_from_queries(
+                    ctx,
+                    v,
+                    q.as_ptr(),
+                    n_q as u32,
+                    n_head_q as u32,
+                    0.125,
+                    cells.as_ptr(),
+                    cells.len(),
+                    std::ptr::null(),
+                    attn.as_mut_ptr(),
+                )
+            };
+            assert_eq!(st, kvm_status::KVM_STATUS_OK);
+        }
+    });
+    println!(
+        "{}: attention from {n_q} queries x {n_head_q} heads over {} cells, all layers: {:.1} ms",
+        s.name,
+        cells.len(),
+        t_attn.as_secs_f64() * 1e3
+    );
+
     let mut g = c.benchmark_group(s.name);
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
