@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run). Installs what a fresh machine lacks.
 #   scripts/test.sh          everything
-#   KVM_TEST_QUICK=1 ...     skip the aarch64/qemu run
+#   KVM_TEST_QUICK=1 ...     skip the aarch64/qemu run and the llama.cpp integration tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf '\n== %s\n' "$*"; }
@@ -30,5 +30,9 @@ RUSTFLAGS="-C target-feature=+avx2,+fma,+f16c" CARGO_TARGET_DIR=target/avx2 carg
 if [ "${KVM_TEST_QUICK:-0}" != 1 ]; then
     say "aarch64 (NEON) under qemu"
     scripts/test-aarch64.sh --quiet
+fi
+if [ "${KVM_TEST_QUICK:-0}" != 1 ]; then
+    say "llama.cpp integration on SmolLM2-135M (builds the patched tree; scripts/test-llama.sh)"
+    scripts/test-llama.sh
 fi
 say "all tests passed"

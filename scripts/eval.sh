@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The evaluation: every compression method at the same memory, on the real model, in one run.
+#
+#   scripts/eval.sh                 short run (<= 10 min on 2 cores): 1 window of 2048 tokens per
+#                                   text, budgets 50 % and 35 %, main methods, passkey (1k haystack,
+#                                   5 depths) and key-value retrieval
+#   scripts/eval.sh --full          the full run: 3 windows per text, budget sweep 25-75 %, all
+#                                   ablations, 2k haystacks, 3 keys per depth (hours on 2 cores)
+#   scripts/eval.sh [--full] -- ARGS   extra arguments for the harness (build/eval/kvm_eval -h)
+#
+# Steps: build the patched llama.cpp only if its tools are missing (scripts/build-llama.sh),
+# build the harness (scripts/build-eval.sh), fetch the model (scripts/fetch-model.sh), prepare two
+# long texts any Debian machine with Python has (the GPL-3 text and the prose of Python's
+# pydoc topics), run, plot (installs matplotlib with pip if missing).
+#
+# Results: results/<run>/ (ppl.csv, passkey.csv, kvqa.csv, methods.csv, results.json, *.png,
+# log.txt). Env: KVM_RUN (run name, default short|full), KVM_THREADS (default 2), KVM_MODEL.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+MODE=short
+EXTRA=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --full) MODE=full; shift ;;
+        --) shift; EXTRA=("$@"); break ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "eval: unknown argument $1 (extra harness arguments go after --)" >&2; exit 1 ;;
+    esac
+done
+RUN="${KVM_RUN:-$MODE}"
+OUT="$REPO/results/$RUN"
+THREADS="${KVM_THREADS:-2}"
+BLD="${KVM_BUILD_DIR:-$REPO/build/llama.cpp-build}"
+
+# 1. the patched llama.cpp (only when missing: a build may be running elsewhere; build-eval.sh waits for it)
+if [ ! -f "$BLD/src/libllama.a" ] && [ ! -x "$BLD/bin/llama-completion" ]; then
+    echo "eval: no patched llama.cpp build in $BLD, building it" >&2
+    KVM_TARGETS="${KVM_TARGETS:-llama-completion}" scripts/build-llama.sh
+fi
+[ -f target/release/libkvmerger.a ] || cargo build --release
+
+# 2. the harness
+scripts/build-eval.sh
+
+# 3. the model
+MODEL="${KVM_MODEL:-$(scripts/fetch-model.sh)}"
+
+# 4. texts
+TXT="$OUT/texts"
+mkdir -p "$TXT"
+if [ -f /usr/share/common-licenses/GPL-3 ]; then
+    T1=gpl3
+    cp /usr/share/common-licenses/GPL-3 "$TXT/gpl3.txt"
+else
+    # not Debian: other topics of the Python reference as the second text
+    T1=pydoc2
+    python3 - "$TXT/pydoc2.txt" <<'PY'
+import sys
+import pydoc_data.topics as t
+keys = [k for k in ("string-methods", "typesseq", "formatstrings", "attribute-access", "customization") if k in t.topics]
+open(sys.argv[1], "w").write("\n\n".join(t.topics[k] for k in keys))
+PY
+fi
+python3 - "$TXT/pydoc.txt" <<'PY'
+# Prose of the Python language reference, as shipped with every CPython (pydoc_data/topics.py).
+import sys
+import pydoc_data.topics as t
+keys = [k for k in ("specialnames", "types", "compound", "execmodel", "datamodel") if k in t.topics]
+open(sys.argv[1], "w").write("\n\n".join(t.topics[k] for k in keys))
+PY
+
+# 5. run
+ARGS=(-m "$MODEL" --text "$T1=$TXT/$T1.txt" --text "pydoc=$TXT/pydoc.txt" --out "$OUT" -t "$THREADS")
+[ "$MODE" = full ] && ARGS+=(--full)
+echo "eval: build/eval/kvm_eval ${ARGS[*]} ${EXTRA[*]:-}" >&2
+start=$(date +%s)
+build/eval/kvm_eval "${ARGS[@]}" "${EXTRA[@]}" 2> >(grep -v '^seq_merge: kvm_plan_init: the window cannot free' >&2) | tee "$OUT/log.txt"
+echo "eval: $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt" >&2
+
+# 6. plots
+python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
+python3 eval/plot.py "$OUT"
+echo "eval: results in $OUT" >&2

@@ -1,0 +1,273 @@
+#!/usr/bin/env bash
+# CI integration tests of the patched llama.cpp (kvmerger) on the real model (SmolLM2-135M-Instruct Q4_1).
+#
+# Sets up what it needs on a fresh Debian machine (cmake via apt-get if missing, scripts/build-llama.sh,
+# scripts/fetch-model.sh, g++ build of tests/llama/state_roundtrip.cpp), then runs:
+#   (a) llama-completion -c 256 --context-shift --kv-merge -n 700 (-fa on and off): merges happen, the cache
+#       never grows past its cells, the text stays text
+#   (b) tests/llama/state_roundtrip: merge counts survive llama_state_seq_get/set_data, byte-identical state,
+#       identical logits; kvm_params override; refusals (-3 on shared cells / pending K-shift, -2 bad args)
+#   (c) llama-server -np 2 --kv-merge: two long concurrent /completion requests each equal the request run alone
+#   (d) bad --kv-merge-* flags exit non-zero with a message naming the flag, no signal
+# Each check prints PASS/FAIL with a reason; the last line is "N passed, M failed"; exit 1 on any failure.
+#
+# Env: KVM_TEST_SKIP_BUILD=1  do not run build-llama.sh (use the tools already built)
+#      KVM_TEST_THREADS       threads for the model runs (default 1)
+#      KVM_TEST_PORT          server port (default 18080 + $$ % 1000)
+#      KVM_TEST_KEEP=1        keep the work dir (logs) at the end
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+THREADS="${KVM_TEST_THREADS:-1}"
+PORT="${KVM_TEST_PORT:-$((18080 + $$ % 1000))}"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/kvm-test-llama.XXXXXX")"
+BLD="$REPO/build/llama.cpp-build"
+BIN="$BLD/bin"
+SRC="$REPO/build/llama.cpp"
+
+SERVER_PID=""
+cleanup() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID" 2>/dev/null
+        wait "$SERVER_PID" 2>/dev/null
+    fi
+    if [ "${KVM_TEST_KEEP:-0}" = "1" ]; then
+        echo "test-llama: logs kept in $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+
+N_PASS=0
+N_FAIL=0
+pass() { echo "PASS: $1${2:+ - $2}"; N_PASS=$((N_PASS + 1)); }
+fail() { echo "FAIL: $1${2:+ - $2}"; N_FAIL=$((N_FAIL + 1)); }
+finish() {
+    echo "$N_PASS passed, $N_FAIL failed"
+    [ "$N_FAIL" -eq 0 ]
+    exit $?
+}
+die() { echo "test-llama: $*" >&2; fail "setup" "$*"; finish; }
+
+# ------------------------------------------------------------------------------------------------ setup
+t_setup=$(date +%s)
+SUDO=""
+if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+need_pkgs=()
+command -v cmake   >/dev/null 2>&1 || need_pkgs+=(cmake)
+command -v g++     >/dev/null 2>&1 || need_pkgs+=(g++)
+command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+command -v git     >/dev/null 2>&1 || need_pkgs+=(git)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    echo "test-llama: apt-get install ${need_pkgs[*]}" >&2
+    $SUDO apt-get update >&2 && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y "${need_pkgs[@]}" >&2 \
+        || die "apt-get install ${need_pkgs[*]} failed"
+fi
+
+if [ "${KVM_TEST_SKIP_BUILD:-0}" != "1" ]; then
+    "$REPO/scripts/build-llama.sh" >&2 || die "scripts/build-llama.sh failed"
+fi
+for t in llama-completion llama-server; do
+    [ -x "$BIN/$t" ] || die "$BIN/$t missing"
+done
+MODEL="$("$REPO/scripts/fetch-model.sh")" || die "scripts/fetch-model.sh failed"
+[ -f "$MODEL" ] || die "no model at $MODEL"
+
+# tests/llama/state_roundtrip.cpp against the static libs (+ OpenMP when ggml-cpu was built with it)
+RT="$WORK/state_roundtrip"
+LIBS=("$BLD/src/libllama.a" "$BLD/ggml/src/libggml.a" "$BLD/ggml/src/libggml-cpu.a" "$BLD/ggml/src/libggml-base.a")
+for l in "${LIBS[@]}" "$REPO/target/release/libkvmerger.a"; do
+    [ -f "$l" ] || die "$l missing (build with scripts/build-llama.sh)"
+done
+OMP=()
+if grep -q '^GGML_OPENMP:BOOL=ON' "$BLD/CMakeCache.txt" 2>/dev/null; then OMP=(-fopenmp); fi
+g++ -std=c++17 -O1 "${OMP[@]}" -I"$SRC/include" -I"$SRC/ggml/include" -I"$REPO/include" \
+    "$REPO/tests/llama/state_roundtrip.cpp" -o "$RT" \
+    "${LIBS[@]}" "$REPO/target/release/libkvmerger.a" "${OMP[@]}" -lpthread -ldl -lm \
+    2> "$WORK/rt-build.log" || { cat "$WORK/rt-build.log" >&2; die "building tests/llama/state_roundtrip.cpp failed"; }
+echo "test-llama: setup took $(( $(date +%s) - t_setup )) s" >&2
+t_checks=$(date +%s)
+
+PROMPT="Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker who"
+
+# ------------------------------------------------------------------------------------------------ (a)
+# text check: >= 90% printable, letters present, not one character repeated
+text_ok() {
+    python3 - "$1" <<'PY'
+import sys
+t = open(sys.argv[1], encoding="utf-8", errors="replace").read()
+n = len(t)
+if n < 200:
+    print(f"only {n} characters"); sys.exit(1)
+pr = sum(1 for c in t if c.isprintable() or c in "\n\t") / n
+letters = sum(1 for c in t if c.isalpha())
+top = max(t.count(c) for c in set(t)) / n
+words = len(set(t.split()))
+if pr < 0.9:
+    print(f"{pr:.0%} printable"); sys.exit(1)
+if letters < n * 0.3:
+    print(f"{letters} letters of {n}"); sys.exit(1)
+if top > 0.5:
+    print(f"one character is {top:.0%} of the text"); sys.exit(1)
+if words < 10:
+    print(f"{words} distinct words"); sys.exit(1)
+print(f"{n} chars, {pr:.0%} printable, {words} distinct words")
+PY
+}
+
+for fa in on off; do
+    name="(a) completion -c 256 --context-shift --kv-merge -n 700 -fa $fa"
+    out="$WORK/compl-$fa.txt"; log="$WORK/compl-$fa.log"
+    t0=$(date +%s)
+    timeout 240 "$BIN/llama-completion" -m "$MODEL" -c 256 --context-shift --kv-merge -n 700 --ignore-eos -no-cnv \
+        --temp 0 -t "$THREADS" -fa "$fa" --no-warmup -p "$PROMPT" > "$out" 2> "$log" < /dev/null
+    rc=$?
+    dt=$(( $(date +%s) - t0 ))
+    if [ $rc -ne 0 ]; then
+        fail "$name" "exit code $rc (log: $(tail -n 3 "$log" | tr '\n' ' '))"
+        continue
+    fi
+    # lines "...: kv-merge: BEFORE -> AFTER cells in T ms"
+    merges="$(grep -o 'kv-merge: [0-9]* -> [0-9]* cells' "$log" | awk '{print $2, $4}')"
+    n_merge="$(printf '%s\n' "$merges" | grep -c '[0-9]')"
+    n_ctx="$(grep -o 'n_ctx *= *[0-9]*' "$log" | head -n 1 | grep -o '[0-9]*$')"
+    n_ctx="${n_ctx:-256}"
+    bad="$(printf '%s\n' "$merges" | awk -v c="$n_ctx" 'NF == 2 && !($1 <= c && $2 < $1) {print "bad merge " $1 " -> " $2}' | head -n 1)"
+    refused="$(grep -c 'kv-merge refused' "$log")"
+    if [ "$n_merge" -lt 2 ]; then
+        fail "$name" "$n_merge kv-merge log lines (want >= 2), $refused refused"
+    elif [ -n "$bad" ]; then
+        fail "$name" "$bad (n_ctx $n_ctx)"
+    elif [ "$refused" -ne 0 ]; then
+        fail "$name" "$refused merges refused"
+    elif ! why="$(text_ok "$out")"; then
+        fail "$name" "output is not text: $why"
+    else
+        pass "$name" "$n_merge merges ($(printf '%s\n' "$merges" | head -n 1 | awk '{print $1 " -> " $2}'), all before <= $n_ctx, after < before), $why, ${dt}s"
+    fi
+done
+
+# ------------------------------------------------------------------------------------------------ (b)
+for fa in 1 0; do
+    t0=$(date +%s)
+    timeout 180 "$RT" "$MODEL" "$fa" > "$WORK/rt-$fa.txt" 2> "$WORK/rt-$fa.log"
+    rc=$?
+    dt=$(( $(date +%s) - t0 ))
+    while IFS= read -r line; do
+        case "$line" in
+            PASS:*) pass "(b) ${line#PASS: }" ;;
+            FAIL:*) fail "(b) ${line#FAIL: }" ;;
+        esac
+    done < "$WORK/rt-$fa.txt"
+    if [ $rc -ne 0 ] && ! grep -q '^FAIL' "$WORK/rt-$fa.txt"; then
+        fail "(b) state_roundtrip fa=$fa" "exit code $rc without a FAIL line (log: $(tail -n 3 "$WORK/rt-$fa.log" | tr '\n' ' '))"
+    elif [ $rc -eq 0 ]; then
+        echo "      (state_roundtrip fa=$fa: ${dt}s)"
+    fi
+done
+
+# ------------------------------------------------------------------------------------------------ (c)
+name="(c) llama-server -np 2 --kv-merge: concurrent slots equal the same requests alone"
+slog="$WORK/server.log"
+"$BIN/llama-server" -m "$MODEL" -c 512 -np 2 --context-shift --kv-merge -t "$THREADS" -tb "$THREADS" \
+    --host 127.0.0.1 --port "$PORT" --no-warmup > "$slog" 2>&1 < /dev/null &
+SERVER_PID=$!
+t0=$(date +%s)
+python3 - "$PORT" "$WORK" "$PROMPT" > "$WORK/server-check.txt" 2>&1 <<'PY'
+import json, sys, threading, time, urllib.request
+port, work, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
+base = f"http://127.0.0.1:{port}"
+deadline = time.time() + 60
+while True:
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2) as r:
+            if r.status == 200:
+                break
+    except Exception:
+        pass
+    if time.time() > deadline:
+        print("server did not become healthy in 60 s"); sys.exit(1)
+    time.sleep(0.5)
+
+prompts = [prompt, "The history of the printing press begins in the fifteenth century, when"]
+
+def req(p):
+    body = json.dumps({"prompt": p, "n_predict": 400, "temperature": 0, "top_k": 1, "cache_prompt": False,
+                       "ignore_eos": True, "seed": 1}).encode()
+    r = urllib.request.Request(base + "/completion", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(r, timeout=240) as f:
+        return json.loads(f.read())
+
+res = [None, None]
+def run(i):
+    try:
+        res[i] = req(prompts[i])
+    except Exception as e:
+        res[i] = {"error": str(e)}
+th = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+for t in th: t.start()
+for t in th: t.join()
+alone = [req(p) for p in prompts]
+ok = True
+for i in range(2):
+    a, b = res[i], alone[i]
+    if "content" not in a or "content" not in b:
+        print(f"request {i}: error {a.get('error') or b.get('error')}"); ok = False; continue
+    ta, tb = a["content"], b["content"]
+    if ta != tb:
+        n = next((k for k in range(min(len(ta), len(tb))) if ta[k] != tb[k]), min(len(ta), len(tb)))
+        print(f"request {i}: concurrent and alone differ at char {n} of {len(ta)}/{len(tb)}: {ta[max(0,n-20):n+20]!r} vs {tb[max(0,n-20):n+20]!r}")
+        ok = False
+    else:
+        print(f"request {i}: {len(ta)} chars identical, {a.get('tokens_predicted')} tokens, truncated={a.get('truncated')}")
+json.dump({"concurrent": res, "alone": alone}, open(work + "/server-out.json", "w"))
+sys.exit(0 if ok else 1)
+PY
+rc=$?
+dt=$(( $(date +%s) - t0 ))
+n_merge="$(grep -c 'kv-merge: [0-9]* -> [0-9]* cells' "$slog")"
+n_slots="$(grep 'kv-merge: [0-9]* -> [0-9]* cells' "$slog" | grep -o 'id  *[0-9]*' | sort -u | wc -l)"
+n_refused="$(grep -c 'kv-merge refused' "$slog")"
+summary="$(tr '\n' ';' < "$WORK/server-check.txt")"
+if [ $rc -ne 0 ]; then
+    fail "$name" "$summary (merges in log: $n_merge)"
+elif [ "$n_merge" -lt 4 ] || [ "$n_slots" -lt 2 ]; then
+    fail "$name" "outputs equal, but only $n_merge kv-merge lines in the server log from $n_slots slots (want >= 4 from 2)"
+elif [ "$n_refused" -ne 0 ]; then
+    fail "$name" "$n_refused merges refused"
+else
+    pass "$name" "$summary $n_merge merges from $n_slots slots, ${dt}s"
+fi
+if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    fail "(c) llama-server still running after the requests" "$(tail -n 3 "$slog" | tr '\n' ' ')"
+fi
+kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""
+
+# ------------------------------------------------------------------------------------------------ (d)
+for args in "--kv-merge-keep -1" "--kv-merge-keep 0" "--kv-merge-method nosuch" "--kv-merge-value nosuch" \
+            "--kv-merge-floor abc" "--kv-merge-recent x" "--kv-merge-sinks y"; do
+    flag="${args%% *}"
+    for tool in llama-completion llama-server; do
+        name="(d) $tool $args"
+        extra=(-n 1 -p hi)
+        [ "$tool" = llama-server ] && extra=(--port "$PORT")
+        # shellcheck disable=SC2086
+        timeout 60 "$BIN/$tool" -m "$MODEL" $args --kv-merge -t "$THREADS" "${extra[@]}" > "$WORK/d.out" 2> "$WORK/d.err" < /dev/null
+        rc=$?
+        msg="$(grep -m 1 -- "error.*$flag" "$WORK/d.err" "$WORK/d.out" | sed 's/^[^:]*://')"
+        if [ $rc -eq 0 ]; then
+            fail "$name" "exit code 0"
+        elif [ $rc -ge 124 ]; then
+            fail "$name" "exit code $rc (signal or timeout)"
+        elif [ -z "$msg" ]; then
+            fail "$name" "exit code $rc, but no error message naming $flag"
+        else
+            pass "$name" "exit code $rc: $msg"
+        fi
+    done
+done
+
+echo "test-llama: checks took $(( $(date +%s) - t_checks )) s" >&2
+finish

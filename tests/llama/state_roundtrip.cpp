@@ -1,0 +1,347 @@
+// Integration test of the patched llama.cpp (kvmerger) on a real model, run by scripts/test-llama.sh.
+//
+//   state_roundtrip MODEL [fa]      fa: 0 = flash attention off (V transposed), 1 = on (default)
+//
+// 1. decodes a long prompt into a small context, merges seq 0 a few times (each merge after a decode, logbias
+//    value mode so that the per-cell merge counts enter the KQ mask), then
+//    llama_state_seq_get_data -> a fresh context, llama_state_seq_set_data, and checks that
+//    - get_data of the restored context is byte-identical to the original,
+//    - the state carries the merge counts (the blob is larger than a stock one by 8 + 4 * n_cells bytes),
+//    - decoding the same next token in both contexts gives identical logits (memcmp),
+//    - a restore of the same state without the merge extension (stock format) gives different logits:
+//      the counts do matter;
+// 2. llama_kv_merge_params.kvm_params (a whole struct kvm_params) is honoured: a bad kvm_params (sigma_mode
+//    fixed, sigma = -1) is refused with -2; a valid one merges;
+// 3. refusals: merging cells shared by two sequences (after llama_memory_seq_cp) returns -3, merging while a
+//    K-shift is pending returns -3, bad arguments return -2, and the cache is unchanged after each refusal.
+// Prints PASS/FAIL lines; exit code 0 only if all passed.
+
+#include "llama.h"
+#include "kvmerger.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+static int n_pass = 0;
+static int n_fail = 0;
+
+static void check(bool ok, const char * name, const std::string & why) {
+    printf("%s: %s%s%s\n", ok ? "PASS" : "FAIL", name, why.empty() ? "" : " - ", why.c_str());
+    fflush(stdout);
+    (ok ? n_pass : n_fail)++;
+}
+
+static std::string fmt(const char * f, ...) __attribute__((format(printf, 1, 2)));
+static std::string fmt(const char * f, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, f);
+    vsnprintf(buf, sizeof(buf), f, ap);
+    va_end(ap);
+    return buf;
+}
+
+static void quiet_log(ggml_log_level level, const char * text, void *) {
+    if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN || getenv("KVM_TEST_VERBOSE")) {
+        fputs(text, stderr);
+    }
+}
+
+static llama_context * make_ctx(llama_model * model, int fa, uint32_t n_seq = 1) {
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx           = 256;
+    cp.n_batch         = 256;
+    cp.n_ubatch        = 256;
+    cp.n_seq_max       = n_seq;
+    cp.n_threads       = 1;
+    cp.n_threads_batch = 1;
+    cp.kv_unified      = true;
+    cp.flash_attn_type = fa ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    return llama_init_from_model(model, cp);
+}
+
+// decodes tokens at positions pos.. for seq, logits for the last one
+static bool decode(llama_context * ctx, const std::vector<llama_token> & toks, llama_pos pos, llama_seq_id seq = 0) {
+    llama_batch b = llama_batch_init((int32_t) toks.size(), 0, 1);
+    for (size_t i = 0; i < toks.size(); ++i) {
+        b.token[i]     = toks[i];
+        b.pos[i]       = pos + (llama_pos) i;
+        b.n_seq_id[i]  = 1;
+        b.seq_id[i][0] = seq;
+        b.logits[i]    = i + 1 == toks.size();
+    }
+    b.n_tokens = (int32_t) toks.size();
+    const int rc = llama_decode(ctx, b);
+    llama_batch_free(b);
+    return rc == 0;
+}
+
+static llama_token argmax(const float * logits, int n_vocab) {
+    int best = 0;
+    for (int i = 1; i < n_vocab; ++i) {
+        if (logits[i] > logits[best]) {
+            best = i;
+        }
+    }
+    return best;
+}
+
+static std::vector<uint8_t> get_state(llama_context * ctx, llama_seq_id seq) {
+    std::vector<uint8_t> st(llama_state_seq_get_size(ctx, seq));
+    const size_t n = llama_state_seq_get_data(ctx, st.data(), st.size(), seq);
+    st.resize(n);
+    return st;
+}
+
+int main(int argc, char ** argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s MODEL [fa 0|1]\n", argv[0]);
+        return 2;
+    }
+    const int fa = argc > 2 ? atoi(argv[2]) : 1;
+    const char * tag = fa ? "fa=on" : "fa=off";
+
+    llama_log_set(quiet_log, nullptr);
+    llama_backend_init();
+
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    llama_model * model = llama_model_load_from_file(argv[1], mp);
+    if (!model) {
+        fprintf(stderr, "cannot load %s\n", argv[1]);
+        return 2;
+    }
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    const int n_vocab = llama_vocab_n_tokens(vocab);
+
+    std::string text;
+    for (int i = 0; i < 12; ++i) {
+        text += "The river flows past the old mill, where the miller counts his sacks of grain and tells stories "
+                "about the winter the water froze. ";
+    }
+    std::vector<llama_token> prompt(1024);
+    const int n_prompt = llama_tokenize(vocab, text.c_str(), (int32_t) text.size(), prompt.data(), (int32_t) prompt.size(), true, false);
+    prompt.resize(std::max(0, n_prompt));
+
+    // ---------------------------------------------------------------- 1. merge, save, restore
+    {
+        llama_context * ctx = make_ctx(model, fa);
+        const int n_ctx = (int) llama_n_ctx(ctx);
+        const int n_first = std::min((int) prompt.size(), n_ctx - 16);
+
+        llama_kv_merge_params mpar = llama_kv_merge_default_params();
+        mpar.n_threads  = 1;
+        mpar.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS;
+        mpar.n_recent   = 8;
+
+        std::vector<llama_token> first(prompt.begin(), prompt.begin() + n_first);
+        bool ok = decode(ctx, first, 0);
+        llama_pos n_past = n_first;
+        int n_merges = 0;
+        int n_freed_total = 0;
+        size_t next = n_first;
+        std::string why;
+        for (int m = 0; m < 4 && ok; ++m) {
+            // merge after a decode (the K-shift of the previous merge has run)
+            const int n_free = 24;
+            const int32_t r = llama_memory_seq_merge(ctx, 0, 4, n_past, n_free, &mpar, nullptr);
+            if (r != n_free) {
+                ok = false;
+                why = fmt("merge %d returned %d", m, r);
+                break;
+            }
+            n_merges++;
+            n_freed_total += r;
+            n_past -= r;
+            const llama_pos pmax = llama_memory_seq_pos_max(llama_get_memory(ctx), 0);
+            if (pmax != n_past - 1) {
+                ok = false;
+                why = fmt("pos_max %d after merge, want %d", pmax, n_past - 1);
+                break;
+            }
+            // feed 8 more tokens of the prompt (or the greedy continuation)
+            std::vector<llama_token> more;
+            for (int j = 0; j < 8; ++j) {
+                more.push_back(next < prompt.size() ? prompt[next++] : argmax(llama_get_logits_ith(ctx, -1), n_vocab));
+            }
+            if (!decode(ctx, more, n_past)) {
+                ok = false;
+                why = fmt("decode after merge %d failed", m);
+                break;
+            }
+            n_past += (llama_pos) more.size();
+        }
+        check(ok && n_merges == 4, fmt("[%s] 4 merges of a %d-token prompt in a %d-cell context", tag, n_first, n_ctx).c_str(),
+                ok ? fmt("freed %d cells, n_past %d", n_freed_total, n_past) : why);
+
+        // save
+        const std::vector<uint8_t> st = get_state(ctx, 0);
+
+        // restore into a fresh context
+        llama_context * ctx2 = make_ctx(model, fa);
+        const size_t n_read = llama_state_seq_set_data(ctx2, st.data(), st.size(), 0);
+        check(n_read == st.size(), fmt("[%s] llama_state_seq_set_data reads the whole state", tag).c_str(),
+                fmt("%zu of %zu bytes", n_read, st.size()));
+
+        const std::vector<uint8_t> st2 = get_state(ctx2, 0);
+        size_t first_diff = 0;
+        while (first_diff < std::min(st.size(), st2.size()) && st[first_diff] == st2[first_diff]) {
+            first_diff++;
+        }
+        check(st == st2, fmt("[%s] get_data of the restored context is byte-identical", tag).c_str(),
+                st == st2 ? fmt("%zu bytes", st.size()) : fmt("sizes %zu/%zu, first difference at byte %zu", st.size(), st2.size(), first_diff));
+
+        // the counts went along: the state of a context where nothing was merged has the same cell count but no extension
+        {
+            const int n_cells = (int) n_past;
+            llama_context * ctx3 = make_ctx(model, fa);
+            std::vector<llama_token> plain(prompt.begin(), prompt.begin() + n_cells);
+            decode(ctx3, plain, 0);
+            const std::vector<uint8_t> st3 = get_state(ctx3, 0);
+            // the extension: one u32 of flags + one u32 per cell
+            const size_t want1 = st3.size() + 4 + 4*(size_t) n_cells;
+            check(st.size() == want1, fmt("[%s] the state carries the per-cell merge counts", tag).c_str(),
+                    fmt("merged state %zu bytes, unmerged %zu bytes, %d cells (+4+4*n = %zu)", st.size(), st3.size(), n_cells, want1));
+            llama_free(ctx3);
+        }
+
+        // same next token in both contexts -> identical logits
+        const llama_token tok = argmax(llama_get_logits_ith(ctx, -1), n_vocab);
+
+        // with flash attention the CPU kernel's reduction depends on where the cells lie (merges leave holes, a
+        // restore packs the cells), so there the original context first restores its own state as well: then both
+        // hold the same cells in the same places (the byte-identical state above already covers the contents)
+        if (fa) {
+            llama_memory_seq_rm(llama_get_memory(ctx), 0, -1, -1);
+            const size_t n_self = llama_state_seq_set_data(ctx, st.data(), st.size(), 0);
+            check(n_self == st.size(), fmt("[%s] the original context restores its own state (same cell layout)", tag).c_str(), "");
+        }
+        const bool d1 = decode(ctx, {tok}, n_past);
+        const bool d2 = decode(ctx2, {tok}, n_past);
+        const float * l1 = llama_get_logits_ith(ctx, -1);
+        const float * l2 = llama_get_logits_ith(ctx2, -1);
+        const bool same = d1 && d2 && l1 && l2 && memcmp(l1, l2, sizeof(float)*n_vocab) == 0;
+        float maxd = 0.0f;
+        if (d1 && d2 && l1 && l2) {
+            for (int i = 0; i < n_vocab; ++i) {
+                maxd = std::max(maxd, fabsf(l1[i] - l2[i]));
+            }
+        }
+        check(same, fmt("[%s] logits of the next token are identical after the round-trip", tag).c_str(),
+                fmt("max |diff| %g", maxd));
+
+        // negative control: the same state with the counts stripped (stock format) gives other logits,
+        // so the restored counts are what makes them equal
+        {
+            // find the extension: v_trans word with the 'KM' flag; strip flags+counts at the end of the data
+            std::vector<uint8_t> stock = st;
+            const size_t n_cells = (size_t) (n_past);
+            const size_t ext = 4 + 4*n_cells;
+            bool found = false;
+            // layout: n_stream u32, cell_count u32, meta (pos i32, n_seq u32, seq i32 [+ext]) per cell, v_trans u32
+            const size_t meta = 8 + n_cells*12;
+            // (the memory module may write a few header words of its own first: look a little further)
+            for (size_t off = meta; off + 4 + ext < stock.size() && off <= meta + 64 && !found; off += 4) {
+                uint32_t vt;
+                memcpy(&vt, stock.data() + off, 4);
+                if ((vt & 0xffff0000u) == 0x4b4d0000u) {
+                    vt &= 0xffffu;
+                    memcpy(stock.data() + off, &vt, 4);
+                    stock.resize(stock.size() - ext);
+                    found = true;
+                }
+            }
+            if (!found) {
+                check(false, fmt("[%s] counts matter (restore without them differs)", tag).c_str(), "extension not found where expected (has_cell_ext?)");
+            } else {
+                llama_context * ctx4 = make_ctx(model, fa);
+                const size_t n4 = llama_state_seq_set_data(ctx4, stock.data(), stock.size(), 0);
+                const bool d4 = n4 == stock.size() && decode(ctx4, {tok}, n_past);
+                const float * l4 = d4 ? llama_get_logits_ith(ctx4, -1) : nullptr;
+                const bool differ = l4 && memcmp(l1, l4, sizeof(float)*n_vocab) != 0;
+                check(differ, fmt("[%s] counts matter: the same state restored without them gives other logits", tag).c_str(),
+                        d4 ? "" : "stock-format restore failed");
+                llama_free(ctx4);
+            }
+        }
+
+        llama_free(ctx2);
+        llama_free(ctx);
+    }
+
+    // ---------------------------------------------------------------- 2. kvm_params override
+    {
+        llama_context * ctx = make_ctx(model, fa);
+        std::vector<llama_token> first(prompt.begin(), prompt.begin() + 200);
+        decode(ctx, first, 0);
+
+        kvm_params kp = kvm_params_default();
+        kp.n_threads  = 0; // taken from llama_kv_merge_params.n_threads
+        kp.sigma_mode = KVM_SIGMA_FIXED;
+        kp.sigma      = -1.0f; // invalid
+        llama_kv_merge_params mpar = llama_kv_merge_default_params();
+        mpar.n_threads  = 1;
+        mpar.kvm_params = &kp;
+        const int32_t r_bad = llama_memory_seq_merge(ctx, 0, 4, 200, 20, &mpar, nullptr);
+        const llama_pos pmax_bad = llama_memory_seq_pos_max(llama_get_memory(ctx), 0);
+
+        kp.sigma    = 3.0f;
+        kp.max_set  = 2;
+        kp.age_bias = 0.5f;
+        kp.pivot    = KVM_PIVOT_QUERY_FREE;
+        const int32_t r_ok = llama_memory_seq_merge(ctx, 0, 4, 200, 20, &mpar, nullptr);
+        const llama_pos pmax_ok = llama_memory_seq_pos_max(llama_get_memory(ctx), 0);
+        check(r_bad == -2 && pmax_bad == 199 && r_ok == 20 && pmax_ok == 179,
+                fmt("[%s] kvm_params override: invalid sigma refused (-2), a valid one merges", tag).c_str(),
+                fmt("bad -> %d (pos_max %d), ok -> %d (pos_max %d)", r_bad, pmax_bad, r_ok, pmax_ok));
+        llama_free(ctx);
+    }
+
+    // ---------------------------------------------------------------- 3. refusals
+    {
+        llama_context * ctx = make_ctx(model, fa, 2);
+        llama_memory_t mem = llama_get_memory(ctx);
+        std::vector<llama_token> first(prompt.begin(), prompt.begin() + 120);
+        decode(ctx, first, 0);
+        llama_memory_seq_cp(mem, 0, 1, -1, -1); // cells now shared by seq 0 and seq 1
+
+        const std::vector<uint8_t> before = get_state(ctx, 0);
+        const int32_t r_shared = llama_memory_seq_merge(ctx, 0, 4, 120, 20, nullptr, nullptr);
+        const std::vector<uint8_t> after = get_state(ctx, 0);
+        check(r_shared == -3 && before == after && llama_memory_seq_pos_max(mem, 1) == 119,
+                fmt("[%s] merging cells shared by two sequences (seq_cp) is refused with -3, cache unchanged", tag).c_str(),
+                fmt("returned %d", r_shared));
+
+        // after the copy is dropped, the merge goes through; a second one before a decode (K-shift pending) is refused
+        llama_memory_seq_rm(mem, 1, -1, -1);
+        const int32_t r1 = llama_memory_seq_merge(ctx, 0, 4, 120, 20, nullptr, nullptr);
+        const int32_t r2 = llama_memory_seq_merge(ctx, 0, 4, 100, 20, nullptr, nullptr);
+        check(r1 == 20 && r2 == -3 && llama_memory_seq_pos_max(mem, 0) == 99,
+                fmt("[%s] a merge while the K-shift of the last one is pending is refused with -3", tag).c_str(),
+                fmt("first %d, second %d", r1, r2));
+
+        // bad arguments (after a decode, so that no K-shift is pending)
+        decode(ctx, {prompt[120]}, 100);
+        const int32_t a1 = llama_memory_seq_merge(ctx, 0, 4, 100, 500, nullptr, nullptr); // more than the window
+        const int32_t a2 = llama_memory_seq_merge(ctx, 7, 4, 100, 5, nullptr, nullptr);   // no such sequence
+        const int32_t a3 = llama_memory_seq_merge(ctx, 0, 4, 100, -1, nullptr, nullptr);
+        const int32_t a4 = llama_memory_seq_merge(nullptr, 0, 4, 100, 5, nullptr, nullptr);
+        check(a1 < 0 && a2 == -2 && a3 == -2 && a4 == -2 && llama_memory_seq_pos_max(mem, 0) == 100,
+                fmt("[%s] bad arguments are refused", tag).c_str(),
+                fmt("n_free too large %d, bad seq %d, n_free<0 %d, ctx NULL %d", a1, a2, a3, a4));
+        llama_free(ctx);
+    }
+
+    llama_model_free(model);
+    llama_backend_free();
+
+    printf("state_roundtrip %s: %d passed, %d failed\n", tag, n_pass, n_fail);
+    return n_fail == 0 ? 0 : 1;
+}
