@@ -517,31 +517,6 @@ pub trait LayerRows {
             as_u16(&self.k_bytes()[start..start + 2 * g.n_head * g.dk])
         })
     }
-
-    /// Value of cell `cell`, KV head `h`, as f32 into `out` (`out.len() == dv`).
-    fn read_v(&self, kern: &Kernels, cell: usize, h: usize, out: &mut [f32]) {
-        let g = self.geom();
-        if g.v_trans {
-            let ty = g.v.ty;
-            let ts = ty.type_size();
-            for (j, o) in out.iter_mut().enumerate() {
-                let off = (h * g.dv + j) * g.v.nb1 + cell * g.v.nb0;
-                decode(
-                    kern,
-                    ty,
-                    &self.v_bytes()[off..off + ts],
-                    std::slice::from_mut(o),
-                );
-            }
-        } else {
-            decode(
-                kern,
-                g.v.ty,
-                &self.v_bytes()[head_range(&g.v, cell, h, g.dv)],
-                out,
-            );
-        }
-    }
 }
 
 impl LayerRows for LayerRef<'_> {
@@ -569,17 +544,6 @@ impl LayerRows for LayerMut<'_> {
 }
 
 impl LayerMut<'_> {
-    /// Writes the key of cell `cell`, head `h` (re-quantizing only that head's blocks).
-    pub fn write_k(&mut self, kern: &Kernels, cell: usize, h: usize, src: &[f32]) {
-        let g = self.geom;
-        encode(
-            kern,
-            g.k.ty,
-            src,
-            &mut self.k[head_range(&g.k, cell, h, g.dk)],
-        );
-    }
-
     /// Writes all heads of cell `cell`'s key (`src.len() == n_head·dk`; padding untouched).
     pub fn write_k_row(&mut self, kern: &Kernels, cell: usize, src: &[f32]) {
         let g = self.geom;
@@ -606,30 +570,6 @@ impl LayerMut<'_> {
             let start = cell * g.v.nb1;
             let n = g.v.ty.row_size(g.n_head * g.dv);
             encode(kern, g.v.ty, src, &mut self.v[start..start + n]);
-        }
-    }
-
-    /// Writes the value of cell `cell`, head `h`.
-    pub fn write_v(&mut self, kern: &Kernels, cell: usize, h: usize, src: &[f32]) {
-        let g = self.geom;
-        if g.v_trans {
-            let ts = g.v.ty.type_size();
-            for (j, s) in src.iter().enumerate() {
-                let off = (h * g.dv + j) * g.v.nb1 + cell * g.v.nb0;
-                encode(
-                    kern,
-                    g.v.ty,
-                    std::slice::from_ref(s),
-                    &mut self.v[off..off + ts],
-                );
-            }
-        } else {
-            encode(
-                kern,
-                g.v.ty,
-                src,
-                &mut self.v[head_range(&g.v, cell, h, g.dv)],
-            );
         }
     }
 }
