@@ -472,12 +472,6 @@ pub trait LayerRows {
         );
     }
 
-    /// Raw f16 key bits of cell `cell`, head `h`, when K is f16 (the fast path of link scoring).
-    fn k_f16(&self, cell: usize, h: usize) -> Option<&[u16]> {
-        let g = self.geom();
-        (g.k.ty == GgmlType::F16).then(|| as_u16(&self.k_bytes()[head_range(&g.k, cell, h, g.dk)]))
-    }
-
     /// All heads of cell `cell`'s key as f32 into `out` (`out.len() == n_head·dk`; row padding
     /// is not read).
     fn read_k_row(&self, kern: &Kernels, cell: usize, out: &mut [f32]) {

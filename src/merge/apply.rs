@@ -83,6 +83,31 @@ pub fn weights(sigma: Sigma, d2: &[f32], counts: &[f32], jp: usize, out: &mut [f
     out.iter_mut().for_each(|o| *o /= sum);
 }
 
+/// `out = Σ_j w[h·m + j] · row_j` per head `h`, for `m = w.len() / n_head` member rows of
+/// `n_head · d` floats laid out one after another in `rows`; keys and values share it.
+fn weighted_rows(
+    kern: &Kernels,
+    rows: &[f32],
+    n_head: usize,
+    d: usize,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    let width = n_head * d;
+    let m = w.len() / n_head;
+    out.iter_mut().for_each(|x| *x = 0.0);
+    for h in 0..n_head {
+        let o = &mut out[h * d..(h + 1) * d];
+        for j in 0..m {
+            kern.axpy_f32(
+                o,
+                w[h * m + j],
+                &rows[j * width + h * d..j * width + (h + 1) * d],
+            );
+        }
+    }
+}
+
 fn apply_layer(
     kern: &'static Kernels,
     plan: &Plan,
@@ -129,17 +154,7 @@ fn apply_layer(
             weights(p.sigma, &d2[..m], &cnt[..m], jp, &mut w[h * m..(h + 1) * m]);
         }
         if p.merge_keys {
-            out_k.iter_mut().for_each(|x| *x = 0.0);
-            for h in 0..g.n_head {
-                let o = &mut out_k[h * g.dk..(h + 1) * g.dk];
-                for j in 0..m {
-                    kern.axpy_f32(
-                        o,
-                        w[h * m + j],
-                        &keys[j * wk + h * g.dk..j * wk + (h + 1) * g.dk],
-                    );
-                }
-            }
+            weighted_rows(kern, &keys, g.n_head, g.dk, &w[..g.n_head * m], &mut out_k);
             l.write_k_row(kern, pc, &out_k);
         }
         if p.merge_values {
@@ -150,17 +165,7 @@ fn apply_layer(
                     &mut vals[j * wv..(j + 1) * wv],
                 );
             }
-            out_v.iter_mut().for_each(|x| *x = 0.0);
-            for h in 0..g.n_head {
-                let o = &mut out_v[h * g.dv..(h + 1) * g.dv];
-                for j in 0..m {
-                    kern.axpy_f32(
-                        o,
-                        w[h * m + j],
-                        &vals[j * wv + h * g.dv..j * wv + (h + 1) * g.dv],
-                    );
-                }
-            }
+            weighted_rows(kern, &vals, g.n_head, g.dv, &w[..g.n_head * m], &mut out_v);
             if p.value_mode == ValueMode::Paper {
                 out_v.iter_mut().for_each(|x| *x *= m as f32);
             }

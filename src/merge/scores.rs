@@ -34,7 +34,9 @@ struct KeyReader<'a, L: LayerRows> {
 
 impl<L: LayerRows> KeyReader<'_, L> {
     fn dot(&self, a: usize, b: usize, h: usize, ba: &mut [f32], bb: &mut [f32]) -> (f32, f32, f32) {
-        if let (Some(x), Some(y)) = (self.layer.k_f16(a, h), self.layer.k_f16(b, h)) {
+        let dk = self.layer.geom().dk;
+        let head = |c: usize| self.layer.k_row_f16(c).map(|r| &r[h * dk..(h + 1) * dk]);
+        if let (Some(x), Some(y)) = (head(a), head(b)) {
             return (
                 self.kern.dot_f16(x, y),
                 self.kern.dot_f16(x, x),
