@@ -13,6 +13,7 @@
 // while it runs. See eval/README.md.
 
 #include "llama.h"
+#include "kvmerger.h"
 
 #include <algorithm>
 #include <chrono>
@@ -187,7 +188,11 @@ struct Opts {
     int  W = 2048;            // window of the streaming-PPL task (tokens per window)
     int  B = 64;              // tokens per batch
     int  n_keep = 4;          // kept at the start (incl. BOS), like llama.cpp's context shift
-    int  n_free = 0;          // cells freed per event; 0 = what context shift discards (half)
+    int  n_free = 0;          // cells freed per event by the compressing methods; 0 = half, as context shift
+    // > 0: cells freed per event = round(n_free_frac * capacity) (overrides n_free). An eighth:
+    // the cache stays 7/8 to full instead of 1/2 to full, which is most of what any method gains
+    // over stock context shift (results/README); 0 frees half like context shift.
+    double n_free_frac = 0.125;
     int  windows = 1;         // windows per text (streaming PPL)
     int  n_gen_bench = 16;    // tokens generated after each PPL stream to time decoding
     std::vector<double> budgets      = {0.50, 0.35};
@@ -196,16 +201,16 @@ struct Opts {
     std::vector<std::string> tasks   = {"ppl", "passkey", "kvqa"};
     // passkey
     int  pk_W = 1024;
-    std::vector<int> pk_depths = {10, 30, 50, 70, 90};
+    std::vector<int> pk_depths = {10, 50, 90};
     int  pk_keys = 1;         // keys per depth (and per text)
     int  pk_texts = 1;        // how many of the texts serve as haystack
-    std::vector<double> pk_budgets = {0.50, 0.35};
+    std::vector<double> pk_budgets = {0.35};
     int  pk_gen = 8;
     // kv retrieval
     int  qa_W = 1024;
     int  qa_pairs = 6;
     int  qa_trials = 1;
-    std::vector<double> qa_budgets = {0.50, 0.35};
+    std::vector<double> qa_budgets = {0.35};
     int  qa_gen = 6;
     int  qa_texts = 1;        // how many of the texts serve as haystack
     bool verbose = false;
@@ -228,7 +233,9 @@ static void usage() {
         "  --window W             streaming-PPL window in tokens (default 2048)\n"
         "  --batch B              tokens per batch (default 64)\n"
         "  --n-keep N             kept tokens at the start, incl. BOS (default 4)\n"
-        "  --n-free N             cells freed per compression event (default 0 = half, as context shift)\n"
+        "  --n-free N             cells freed per event by every method but shift (0 = half); sets --n-free-frac 0\n"
+        "  --n-free-frac f        cells freed per event = f * capacity, every method but shift (default 0.125;\n"
+        "                         0 = --n-free; shift: always half, stock llama.cpp)\n"
         "  --windows N            windows per text (default 1; --full 3)\n"
         "  --budgets a,b,..       budgets for the main methods (default 0.5,0.35)\n"
         "  --abl-budgets a,..     budgets for the ablations (default 0.5)\n"
@@ -236,7 +243,9 @@ static void usage() {
         "  --tasks x,y,..         ppl, passkey, kvqa (default all three)\n"
         "  --pk-window W          passkey haystack length (default 1024; --full 2048)\n"
         "  --pk-keys N            keys per depth (default 1; --full 3)\n"
-        "  --pk-depths a,b,..     depths in %% (default 10,30,50,70,90)\n"
+        "  --pk-budgets a,..      passkey budgets (default 0.35; --full 0.5,0.35)\n"
+        "  --qa-budgets a,..      kv-retrieval budgets (default 0.35; --full 0.5,0.35)\n"
+        "  --pk-depths a,b,..     depths in %% (default 10,50,90; --full 10,30,50,70,90)\n"
         "  --qa-window W          kv-retrieval haystack length (default 1024; --full 2048)\n"
         "  --qa-pairs N           key-value lines per haystack (default 6)\n"
         "  --qa-trials N          haystacks per text (default 1; --full 3)\n"
@@ -258,6 +267,9 @@ struct Method {
     llama_kv_merge_params p;
     std::string missing;      // non-empty: needs fields llama_kv_merge_params lacks; not run
     float recent_frac = 0;    // > 0: n_recent = round(recent_frac * capacity) (a window that scales with the budget)
+    // knobs llama_kv_merge_params lacks (sigma, age bias, set size): set on a whole kvm_params
+    // built from p, handed to the patch through llama_kv_merge_params.kvm_params
+    std::function<void(kvm_params &)> kvm_set;
 };
 
 static std::vector<Method> make_methods(int threads) {
@@ -295,17 +307,21 @@ static std::vector<Method> make_methods(int threads) {
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.sim_floor = 0.75f; p.value_mode = LLAMA_KV_MERGE_VALUE_PAPER; });
     add("kvmerger", "main", "KVMerger, our reading: exact budget by link score, convex weights, no floor",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
-    add("best", "main", "our best merging configuration so far: kvmerger, heavy 20%, floor 0.90, logbias, recent = capacity/8",
+    // picked from a PPL-only sweep of age_bias x max_set, floors, heavy hitters, attention weights
+    // and EVICT_FOLD (results/README.md, "how best was chosen"), on the same two texts
+    add("best", "main", "our best merging configuration so far: kvmerger, age-aware link scores (age_bias 1), sets of at most 2",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
+    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
+    add("abl_prev_best", "ablation", "the previous best: kvmerger, heavy 20%, floor 0.90, logbias, recent = capacity/8",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.heavy_frac = 0.20f; p.sim_floor = 0.90f;
                        p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
     ms.back().recent_frac = 0.125f;
 
     // ablations, relative to `kvmerger` (our reading) unless the name says otherwise
-    const std::string KVM = "needs the kvm_params override (llama_kv_merge_params.kvm) for ";
     add("abl_pivot_queryfree", "ablation", "kvmerger, pivots query-free (member nearest the mean key)",
         [](auto & p) { p.use_attn = false; });
-    add("abl_sigma_fixed5", "ablation", "kvmerger, fixed sigma = 5 (kvmerger itself is sigma adaptive)",
-        nullptr, KVM + "sigma_mode, sigma");
+    add("abl_sigma_fixed5", "ablation", "kvmerger, fixed sigma = 5 (kvmerger itself is sigma adaptive)", nullptr);
+    ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_FIXED; k.sigma = 5.0f; };
     add("abl_value_paper", "ablation", "kvmerger, values x set size",
         [](auto & p) { p.value_mode = LLAMA_KV_MERGE_VALUE_PAPER; });
     add("abl_value_logbias", "ablation", "kvmerger, ln(count) in the KQ mask",
@@ -320,10 +336,10 @@ static std::vector<Method> make_methods(int threads) {
         [](auto & p) { p.merge_keys = false; p.merge_values = false; });
     add("abl_calib", "ablation", "kvmerger with a calibration profile for link scores",
         nullptr, "needs a calibration-profile path in llama_kv_merge_params (kvm_ctx_set_calib)");
-    add("abl_age_bias", "ablation", "kvmerger, age-aware link scores (age_bias 0.2)",
-        nullptr, KVM + "age_bias");
-    add("abl_max_set4", "ablation", "kvmerger, merging sets of at most 4 cells",
-        nullptr, KVM + "max_set");
+    add("abl_age_bias", "ablation", "kvmerger, age-aware link scores (age_bias 0.2)", nullptr);
+    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 0.2f; };
+    add("abl_max_set4", "ablation", "kvmerger, merging sets of at most 4 cells", nullptr);
+    ms.back().kvm_set = [](kvm_params & k) { k.max_set = 4; };
     add("abl_evict_fold", "ablation", "EVICT_FOLD: H2O decides who leaves, fold into the more similar neighbour (recent 32)",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; });
     add("abl_evict_fold_floor", "ablation", "EVICT_FOLD, fold only above cosine 0.75",
@@ -351,6 +367,36 @@ static std::vector<Method> make_methods(int threads) {
         [](auto & p) { p.n_recent = 256; p.heavy_frac = 0.20f; p.sim_floor = 0.90f; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
     add("abl_combo_ef_lb", "ablation", "EVICT_FOLD, recent 256, heavy 20%, logbias",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; p.n_recent = 256; p.heavy_frac = 0.20f; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+    // attention-weighted members (KVM_SIGMA_ATTENTION): a member the queries ignore is all but
+    // evicted, one they attend to keeps its share
+    add("abl_sigma_attn", "ablation", "kvmerger, members weighted by accumulated attention (no Gaussian kernel)", nullptr);
+    ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_ATTENTION; };
+    add("abl_ef_attnw", "ablation", "EVICT_FOLD, members weighted by accumulated attention", nullptr);
+    ms.back().kvm_set = [](kvm_params & k) { k.method = KVM_METHOD_EVICT_FOLD; k.sigma_mode = KVM_SIGMA_ATTENTION; };
+    add("abl_h2o_rc", "ablation", "H2O, recent = capacity/8", [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_H2O; });
+    ms.back().recent_frac = 0.125f;
+    add("abl_ef_attnw_rc", "ablation", "EVICT_FOLD, attention weights, recent = capacity/8", nullptr);
+    ms.back().kvm_set = [](kvm_params & k) { k.method = KVM_METHOD_EVICT_FOLD; k.sigma_mode = KVM_SIGMA_ATTENTION; };
+    ms.back().recent_frac = 0.125f;
+    add("abl_prev_best_age1", "ablation", "the previous best + age_bias 1.0", [](auto & p) {
+        p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.heavy_frac = 0.20f; p.sim_floor = 0.90f; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; };
+    ms.back().recent_frac = 0.125f;
+    add("abl_prev_best_attnw_age1", "ablation", "the previous best, attention weights instead of the kernel and logbias, age_bias 1.0", [](auto & p) {
+        p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.heavy_frac = 0.20f; p.sim_floor = 0.90f; });
+    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.sigma_mode = KVM_SIGMA_ATTENTION; };
+    ms.back().recent_frac = 0.125f;
+    // age-aware link scores: merging moves toward the oldest cells (StreamingLLM's choice), but
+    // what leaves is folded into a similar neighbour instead of dropped
+    for (float a : {0.5f, 1.0f, 3.0f}) {
+        for (int mset : {0, 2}) {
+            add(fmt("abl_age%g%s", a, mset ? fmt("_set%d", mset).c_str() : ""), "ablation",
+                fmt("kvmerger, age_bias %g%s", a, mset ? fmt(", sets of at most %d", mset).c_str() : ""), nullptr);
+            ms.back().kvm_set = [a, mset](kvm_params & k) { k.age_bias = a; k.max_set = (uint32_t) mset; };
+        }
+    }
+    add("abl_age1_logbias", "ablation", "kvmerger, age_bias 1, logbias", [](auto & p) { p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; };
     return ms;
 }
 
@@ -461,8 +507,29 @@ struct Feeder {
         if (m.recent_frac > 0) {
             p.n_recent = std::max(1, (int) std::lround(m.recent_frac * C));
         }
+        if (m.kvm_set) {
+            use_kvm_params();
+        }
     }
     ~Feeder() { llama_batch_free(batch); }
+
+    // the whole kvm_params behind `p` when the method sets knobs llama_kv_merge_params lacks
+    kvm_params kp;
+    void use_kvm_params() {
+        kp = kvm_params_default();
+        kp.n_threads    = (uint32_t) std::max(0, p.n_threads);
+        kp.method       = (decltype(kp.method)) p.method; // the enum values are equal
+        kp.n_sink       = (uint32_t) p.n_sink;
+        kp.n_recent     = (uint32_t) p.n_recent;
+        kp.heavy_frac   = p.heavy_frac;
+        kp.sim_floor    = p.sim_floor;
+        kp.value_mode   = (decltype(kp.value_mode)) p.value_mode;
+        kp.merge_keys   = p.merge_keys;
+        kp.merge_values = p.merge_values;
+        kp.pivot        = (decltype(kp.pivot)) (p.use_attn ? KVM_PIVOT_ATTENTION : KVM_PIVOT_QUERY_FREE);
+        m.kvm_set(kp);
+        p.kvm_params = &kp;
+    }
 
     void reset() {
         llama_memory_clear(X.mem, true);
@@ -480,7 +547,13 @@ struct Feeder {
         if (must <= 0) {
             return;
         }
-        int n_free = o.n_free > 0 ? o.n_free : (n_past - o.n_keep) / 2;
+        // context shift is the stock baseline: it always discards half
+        int n_free = (n_past - o.n_keep) / 2;
+        if (!m.is_shift && o.n_free_frac > 0) {
+            n_free = (int) std::lround(o.n_free_frac * C);
+        } else if (!m.is_shift && o.n_free > 0) {
+            n_free = o.n_free;
+        }
         n_free = std::max(n_free, must);
         n_free = std::min(n_free, n_past - o.n_keep - 1);
         if (n_free < must) {
@@ -623,7 +696,7 @@ static int prefix_point(int n_total, int C, const Opts & o) {
         return 0; // never compresses
     }
     const char * qw = getenv("LLAMA_KV_MERGE_QWIN");
-    const int qwin = qw ? std::max(0, atoi(qw)) : 32;
+    const int qwin = qw ? std::max(0, atoi(qw)) : 8; // the patch's default ring
     const int k = std::max(1, (qwin + o.B - 1) / o.B);
     return std::max(0, i0 - k * o.B);
 }
@@ -685,8 +758,8 @@ static void write_json(const Opts & o, const Report & R, const std::vector<Metho
     if (!f) {
         return;
     }
-    fprintf(f, "{\n\"model\": %s,\n\"mode\": %s,\n\"window\": %d,\n\"batch\": %d,\n\"n_keep\": %d,\n\"n_free\": %d,\n\"threads\": %d,\n\"wall_s\": %.1f,\n",
-            json_escape(o.model).c_str(), json_escape(o.full ? "full" : "short").c_str(), o.W, o.B, o.n_keep, o.n_free, o.threads, wall_s);
+    fprintf(f, "{\n\"model\": %s,\n\"mode\": %s,\n\"window\": %d,\n\"batch\": %d,\n\"n_keep\": %d,\n\"n_free\": %d,\n\"n_free_frac\": %.4f,\n\"threads\": %d,\n\"wall_s\": %.1f,\n",
+            json_escape(o.model).c_str(), json_escape(o.full ? "full" : "short").c_str(), o.W, o.B, o.n_keep, o.n_free, o.n_free_frac, o.threads, wall_s);
     fprintf(f, "\"methods\": %s,\n", methods_json(ms).c_str());
     fprintf(f, "\"ppl\": %s,\n", R.ppl.json().c_str());
     fprintf(f, "\"passkey\": %s,\n", R.passkey.json().c_str());
@@ -753,7 +826,8 @@ int main(int argc, char ** argv) {
         else if (a == "--window") o.W = atoi(next().c_str());
         else if (a == "--batch") o.B = atoi(next().c_str());
         else if (a == "--n-keep") o.n_keep = atoi(next().c_str());
-        else if (a == "--n-free") o.n_free = atoi(next().c_str());
+        else if (a == "--n-free") { o.n_free = atoi(next().c_str()); o.n_free_frac = 0; }
+        else if (a == "--n-free-frac") o.n_free_frac = atof(next().c_str());
         else if (a == "--windows") o.windows = atoi(next().c_str());
         else if (a == "--budgets") o.budgets = parse_doubles(next());
         else if (a == "--abl-budgets") o.abl_budgets = parse_doubles(next());
@@ -784,6 +858,9 @@ int main(int argc, char ** argv) {
         if (!set_by_user["--pk-keys"])     o.pk_keys = 3;
         if (!set_by_user["--qa-window"])   o.qa_W = 2048;
         if (!set_by_user["--qa-trials"])   o.qa_trials = 3;
+        if (!set_by_user["--pk-depths"])   o.pk_depths = {10, 30, 50, 70, 90};
+        if (!set_by_user["--pk-budgets"])  o.pk_budgets = {0.50, 0.35};
+        if (!set_by_user["--qa-budgets"])  o.qa_budgets = {0.50, 0.35};
         o.pk_texts = 2;
         o.qa_texts = 2;
     }
@@ -880,7 +957,8 @@ int main(int argc, char ** argv) {
     // 1 + 4: streaming perplexity, cost
     if (has_task("ppl")) {
         printf("\n== streaming perplexity: window %d, batch %d, n_keep %d, per-event free %s\n", o.W, o.B, o.n_keep,
-               o.n_free > 0 ? std::to_string(o.n_free).c_str() : "half (as context shift)");
+               o.n_free_frac > 0 ? fmt("%.3f x capacity (shift: half)", o.n_free_frac).c_str()
+               : o.n_free > 0 ? fmt("%d (shift: half)", o.n_free).c_str() : "half (as context shift)");
         printf("%-8s %3s %6s %-22s %9s %8s %7s %6s %9s %9s %7s %8s %6s\n", "text", "win", "budget", "method", "ppl", "gap_cl",
                "events", "fallbk", "merge_ms", "ms/event", "m/pref", "kv_MiB", "tok/s");
         fflush(stdout);

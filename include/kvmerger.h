@@ -101,6 +101,9 @@ enum kvm_sigma
   KVM_SIGMA_ADAPTIVE = 0,
   // σ = `kvm_params.sigma`.
   KVM_SIGMA_FIXED = 1,
+  // No Gaussian kernel: member weights ∝ their accumulated attention (adaptive when the
+  // plan had no attention, or none on the pivot).
+  KVM_SIGMA_ATTENTION = 2,
 };
 #ifndef __cplusplus
 typedef int32_t kvm_sigma;

@@ -77,7 +77,7 @@ fi
 echo "build-eval: compiling $BIN" >&2
 # the libraries twice: static archives with cross references (llama -> ggml -> kvmerger)
 "$CXX" -O2 -std=c++17 "${OMP[@]}" \
-    -I "$SRC/include" -I "$SRC/ggml/include" \
+    -I "$SRC/include" -I "$SRC/ggml/include" -I "$REPO/include" \
     "$REPO"/eval/*.cpp \
     -Wl,--start-group "${LIBS[@]}" -Wl,--end-group \
     "${OMP[@]}" -lpthread -ldl -lm \

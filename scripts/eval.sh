@@ -2,8 +2,9 @@
 # The evaluation: every compression method at the same memory, on the real model, in one run.
 #
 #   scripts/eval.sh                 short run (<= 10 min on 2 cores): 1 window of 2048 tokens per
-#                                   text, budgets 50 % and 35 %, main methods, passkey (1k haystack,
-#                                   5 depths) and key-value retrieval
+#                                   text, budgets 50 % and 35 %, main methods, an eighth of the
+#                                   cache freed per event (shift: half), passkey (1k haystack,
+#                                   3 depths, 35 %) and key-value retrieval (35 %)
 #   scripts/eval.sh --full          the full run: 3 windows per text, budget sweep 25-75 %, all
 #                                   ablations, 2k haystacks, 3 keys per depth (hours on 2 cores)
 #   scripts/eval.sh [--full] -- ARGS   extra arguments for the harness (build/eval/kvm_eval -h)

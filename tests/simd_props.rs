@@ -161,6 +161,26 @@ fn check_dot_f32(k: &Kernels, a: &[f32], b: &[f32]) -> Result<(), TestCaseError>
     check_reduction("dot_f32", k.dot_f32(a, b), exact, mag, a.len())
 }
 
+/// The batched dot: each output is bit-identical to the single `dot_f32` of its row (same
+/// table, same order) and so within the reduction tolerance of the f64 sum.
+fn check_dots_f32(k: &Kernels, q: &[f32], rows: &[f32]) -> Result<(), TestCaseError> {
+    let n_rows = 3;
+    let d = q.len();
+    prop_assert_eq!(rows.len(), n_rows * d);
+    let mut out = vec![f32::NAN; n_rows];
+    k.dots_f32(q, rows, &mut out);
+    for (i, &o) in out.iter().enumerate() {
+        let r = &rows[i * d..(i + 1) * d];
+        let one = k.dot_f32(q, r);
+        prop_assert!(
+            o.to_bits() == one.to_bits(),
+            "dots_f32 d={d} row {i}: {o} vs dot_f32 {one}"
+        );
+        check_dot_f32(k, q, r)?;
+    }
+    Ok(())
+}
+
 fn check_dot_f16(k: &Kernels, a: &[u16], b: &[u16]) -> Result<(), TestCaseError> {
     let w = |h: &u16| f64::from(f16::from_bits(*h).to_f32());
     let exact: f64 = a.iter().zip(b).map(|(x, y)| w(x) * w(y)).sum();
@@ -298,6 +318,15 @@ fn check_all(k: &Kernels, g: &mut XorShift, n: usize, off: usize) -> Result<(), 
     let (pfa, pfb, pha, phb) = (pad(&fa), pad(&fb), padh(&ha), padh(&hb));
     let (pbb, pcf) = (padh(&bb), pad(&cf));
     check_dot_f32(k, &pfa[off..], &pfb[off..])?;
+    // three rows (b, a, a reversed) behind `off` elements of padding
+    let rows: Vec<f32> = [
+        vec![0.25f32; off],
+        fb.clone(),
+        fa.clone(),
+        fa.iter().rev().copied().collect(),
+    ]
+    .concat();
+    check_dots_f32(k, &pfa[off..], &rows[off..])?;
     check_sqdist_f32(k, &pfa[off..], &pfb[off..])?;
     check_dot_f16(k, &pha[off..], &phb[off..])?;
     check_axpy_f32(k, &fa, g.arith(), &pfb[off..], off)?;
@@ -381,6 +410,13 @@ macro_rules! simd_props {
                 fn dot_f32((a, b, off) in pair(arith_f32())) {
                     let Some(k) = table() else { return Ok(()) };
                     check_dot_f32(k, &a[off..], &b[off..])?;
+                }
+
+                #[test]
+                fn dots_f32((a, b, off) in pair(arith_f32())) {
+                    let Some(k) = table() else { return Ok(()) };
+                    let rows: Vec<f32> = [&b[off..], &a[off..], &b[off..]].concat();
+                    check_dots_f32(k, &a[off..], &rows)?;
                 }
 
                 #[test]

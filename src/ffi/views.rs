@@ -44,6 +44,9 @@ pub enum kvm_sigma {
     KVM_SIGMA_ADAPTIVE = 0,
     /// σ = `kvm_params.sigma`.
     KVM_SIGMA_FIXED = 1,
+    /// No Gaussian kernel: member weights ∝ their accumulated attention (adaptive when the
+    /// plan had no attention, or none on the pivot).
+    KVM_SIGMA_ATTENTION = 2,
 }
 
 /// What happens to merged values (`kvm_params.value_mode`).
@@ -118,10 +121,11 @@ impl kvm_params {
             sigma_mode: match p.sigma {
                 Sigma::Adaptive => kvm_sigma::KVM_SIGMA_ADAPTIVE,
                 Sigma::Fixed(_) => kvm_sigma::KVM_SIGMA_FIXED,
+                Sigma::Attention => kvm_sigma::KVM_SIGMA_ATTENTION,
             } as i32,
             sigma: match p.sigma {
                 Sigma::Fixed(s) => s,
-                Sigma::Adaptive => 5.0,
+                Sigma::Adaptive | Sigma::Attention => 5.0,
             },
             value_mode: match p.value_mode {
                 ValueMode::None => kvm_value_mode::KVM_VALUE_MODE_NONE,
@@ -168,6 +172,7 @@ impl kvm_params {
             sigma: match self.sigma_mode {
                 0 => Sigma::Adaptive,
                 1 => Sigma::Fixed(self.sigma),
+                2 => Sigma::Attention,
                 v => return Err(bad("sigma_mode", v)),
             },
             value_mode: match self.value_mode {

@@ -3,7 +3,8 @@
 //! Per layer and KV head, a set of members `i` with pivot `p` becomes
 //! `g_i = exp(−d_i² / 2σ²)`, `d_i = ‖k_p − k_i‖`, `w_i ∝ count_i · g_i`,
 //! `k* = Σ w_i k_i`, `v* = Σ w_i v_i` (method.md), with `2σ² = d̄²` (d̄ the mean of the d_i,
-//! pivot included as 0) unless σ is fixed. Arithmetic is f32; the result is encoded back into
+//! pivot included as 0) unless σ is fixed; with `Sigma::Attention`, `w_i ∝ a_i` (the members'
+//! accumulated attention) instead. Arithmetic is f32; the result is encoded back into
 //! the cache's type, only into the pivot's rows. CaM instead adds weighted evicted values into
 //! kept values. Layers are independent rayon tasks, so the bytes written do not depend on the
 //! thread count.
@@ -48,23 +49,44 @@ pub fn apply(ex: &Exec, plan: &Plan, layers: &mut [LayerMut<'_>]) -> Result<()> 
     Ok(())
 }
 
-/// Gaussian-kernel weights of the members around the pivot (`jp`), times their counts,
-/// normalized. `d2[i]` is the squared key distance of member `i` to the pivot.
-pub fn weights(sigma: Sigma, d2: &[f32], counts: &[f32], jp: usize, out: &mut [f32]) {
-    match sigma {
-        Sigma::Adaptive => {
-            let dbar = d2.iter().map(|d| d.max(0.0).sqrt()).sum::<f32>() / d2.len() as f32;
-            for (o, d) in out.iter_mut().zip(d2) {
-                *o = if dbar > 0.0 {
-                    (-d.max(0.0) / (dbar * dbar)).exp()
-                } else {
-                    1.0
-                };
+/// Weights of the members of a set, normalized. `d2[i]` is the squared key distance of member
+/// `i` to the pivot (`jp`), `attn` the members' accumulated attention when the plan had it.
+/// Gaussian modes: `exp(−d²/2σ²)` times the members' counts. Attention mode: the members'
+/// attention as it is (a merged cell's attention already counts the tokens it stands for).
+pub fn weights(
+    sigma: Sigma,
+    d2: &[f32],
+    counts: &[f32],
+    attn: Option<&[f32]>,
+    jp: usize,
+    out: &mut [f32],
+) {
+    let by_attn = match (sigma, attn) {
+        (Sigma::Attention, Some(a)) if a[jp] > 0.0 => {
+            let ap = a[jp];
+            for (o, &x) in out.iter_mut().zip(a) {
+                *o = x.max(0.0) / ap;
             }
+            true
         }
-        Sigma::Fixed(s) => {
-            for (o, d) in out.iter_mut().zip(d2) {
-                *o = (-d.max(0.0) / (2.0 * s * s)).exp();
+        _ => false,
+    };
+    if !by_attn {
+        match sigma {
+            Sigma::Adaptive | Sigma::Attention => {
+                let dbar = d2.iter().map(|d| d.max(0.0).sqrt()).sum::<f32>() / d2.len() as f32;
+                for (o, d) in out.iter_mut().zip(d2) {
+                    *o = if dbar > 0.0 {
+                        (-d.max(0.0) / (dbar * dbar)).exp()
+                    } else {
+                        1.0
+                    };
+                }
+            }
+            Sigma::Fixed(s) => {
+                for (o, d) in out.iter_mut().zip(d2) {
+                    *o = (-d.max(0.0) / (2.0 * s * s)).exp();
+                }
             }
         }
     }
@@ -77,7 +99,9 @@ pub fn weights(sigma: Sigma, d2: &[f32], counts: &[f32], jp: usize, out: &mut [f
     out[jp] = 1.0;
     let mut sum = 0f32;
     for (o, c) in out.iter_mut().zip(counts) {
-        *o *= c;
+        if !by_attn {
+            *o *= c;
+        }
         sum += *o;
     }
     out.iter_mut().for_each(|o| *o /= sum);
@@ -127,6 +151,8 @@ fn apply_layer(
     let mut d2 = vec![0f32; max_m];
     let mut w = vec![0f32; g.n_head * max_m];
     let mut cnt = vec![0f32; max_m];
+    let mut att = vec![0f32; max_m];
+    let has_attn = !plan.attn_in.is_empty();
     for &(sid, mem) in merged {
         let m = mem.len();
         let piv = plan.survivor[sid] as usize;
@@ -137,6 +163,11 @@ fn apply_layer(
         let pc = plan.cells[piv] as usize;
         for (c, &i) in cnt.iter_mut().zip(mem) {
             *c = plan.counts_in[i] as f32;
+        }
+        if has_attn {
+            for (a, &i) in att.iter_mut().zip(mem) {
+                *a = plan.attn_in[i];
+            }
         }
         for (j, &i) in mem.iter().enumerate() {
             l.read_k_row(
@@ -151,7 +182,14 @@ fn apply_layer(
             for j in 0..m {
                 d2[j] = kern.sqdist_f32(head(jp), head(j));
             }
-            weights(p.sigma, &d2[..m], &cnt[..m], jp, &mut w[h * m..(h + 1) * m]);
+            weights(
+                p.sigma,
+                &d2[..m],
+                &cnt[..m],
+                has_attn.then(|| &att[..m]),
+                jp,
+                &mut w[h * m..(h + 1) * m],
+            );
         }
         if p.merge_keys {
             weighted_rows(kern, &keys, g.n_head, g.dk, &w[..g.n_head * m], &mut out_k);
@@ -183,5 +221,35 @@ fn apply_layer(
             }
             l.write_v_row(kern, tc, &out_v);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::weights;
+    use crate::merge::Sigma;
+
+    #[test]
+    fn attention_weights_follow_attention_not_counts() {
+        let d2 = [0.0, 4.0, 9.0];
+        let counts = [1.0, 3.0, 1.0];
+        let mut w = [0f32; 3];
+        weights(
+            Sigma::Attention,
+            &d2,
+            &counts,
+            Some(&[2.0, 1.0, 0.0]),
+            0,
+            &mut w,
+        );
+        assert_eq!(w, [2.0 / 3.0, 1.0 / 3.0, 0.0]);
+        // no attention, or none on the pivot: the adaptive kernel, counts included
+        let mut a = [0f32; 3];
+        weights(Sigma::Adaptive, &d2, &counts, None, 0, &mut a);
+        for att in [None, Some(&[0.0f32, 1.0, 1.0][..])] {
+            weights(Sigma::Attention, &d2, &counts, att, 0, &mut w);
+            assert_eq!(w, a);
+        }
+        assert!(a[1] > a[2] && (a.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
 }

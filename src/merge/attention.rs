@@ -70,9 +70,9 @@ pub fn from_queries<L: LayerRows + Sync>(
                 for r in 0..n_q {
                     for hq in hk * group..(hk + 1) * group {
                         let qv = &q[(r * n_head + hq) * g.dk..(r * n_head + hq + 1) * g.dk];
-                        for (i, (l, k)) in logit.iter_mut().zip(keys.chunks_exact(g.dk)).enumerate()
-                        {
-                            *l = kq_scale * ex.kern.dot_f32(qv, k) + bias.map_or(0.0, |b| b[i]);
+                        ex.kern.dots_f32(qv, &keys, &mut logit);
+                        for (i, l) in logit.iter_mut().enumerate() {
+                            *l = kq_scale * *l + bias.map_or(0.0, |b| b[i]);
                         }
                         let mx = logit
                             .iter()

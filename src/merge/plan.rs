@@ -49,6 +49,8 @@ pub struct Plan {
     pub counts: Vec<u32>,
     /// Per window cell: tokens it stood for before.
     pub counts_in: Vec<u32>,
+    /// Per window cell: accumulated attention given to plan_init (empty without).
+    pub attn_in: Vec<f32>,
     /// Freed cells that were dropped rather than merged.
     pub n_evicted: usize,
     /// CaM value folding (empty for other methods).
@@ -124,6 +126,7 @@ fn eviction_order(prot: &Protected, attn: Option<&[f32]>) -> Vec<usize> {
 fn finish(
     cells: &[u32],
     counts_in: Vec<u32>,
+    attn_in: Vec<f32>,
     owner: &[Option<usize>],
     cam: Vec<CamFold>,
     geoms: Vec<LayerGeom>,
@@ -164,6 +167,7 @@ fn finish(
         freed,
         counts,
         counts_in,
+        attn_in,
         n_evicted,
         cam,
         geoms,
@@ -257,7 +261,8 @@ pub fn plan<L: LayerRows + Sync>(
         ),
         Method::EvictFold => evict_fold(ex, params, layers, cells, attn, &prot, n_free, &mut owner),
     }
-    let plan = finish(cells, counts_in, &owner, cam, geoms, *params);
+    let attn_in = attn.map_or_else(Vec::new, <[f32]>::to_vec);
+    let plan = finish(cells, counts_in, attn_in, &owner, cam, geoms, *params);
     debug_assert_eq!(plan.freed.len(), n_free);
     Ok(plan)
 }

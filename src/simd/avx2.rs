@@ -41,6 +41,7 @@ pub(crate) fn table() -> Option<&'static Kernels> {
     static T: Kernels = Kernels {
         name: "avx2",
         dot_f32: dot_f32_avx2,
+        dots_f32: dots_f32_avx2,
         dot_f16: dot_f16_avx2,
         sqdist_f32: sqdist_f32_avx2,
         axpy_f32: axpy_f32_avx2,
@@ -119,12 +120,13 @@ unsafe fn f32_to_bf16x8(x: __m256) -> __m128i {
 
 ////////////////////////////////// kernels //////////////////////////////////
 
-/// Σ a·b over `min(a.len(), b.len())` elements (the table's wrapper asserts equal lengths).
+/// The body of `dot_f32_avx2`, inlined into each entry that needs it (one accumulation
+/// order for the single and the batched dot).
 ///
 /// # Safety
-/// The CPU supports AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+/// The CPU supports AVX2 and FMA.
+#[inline(always)]
+unsafe fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     if n < EPR {
         // SAFETY: the scalar kernel has no precondition.
@@ -151,6 +153,34 @@ pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
         sumf = a[i].mul_add(b[i], sumf);
     }
     sumf
+}
+
+/// Σ a·b over `min(a.len(), b.len())` elements (the table's wrapper asserts equal lengths).
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: the caller guarantees the features the body needs.
+    unsafe { dot_f32_body(a, b) }
+}
+
+/// `out[i] = q · rows[i·d .. (i+1)·d]` with `d = q.len()`, each equal to `dot_f32_avx2`; one
+/// call for many rows, so the per-row cost is the arithmetic, not a call through the table.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dots_f32_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    let d = q.len();
+    if d == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
+        // SAFETY: as in `dot_f32_avx2`.
+        *o = unsafe { dot_f32_body(q, r) };
+    }
 }
 
 /// Σ a·b over f16 bit patterns, each widened exactly, accumulated in f32.

@@ -24,6 +24,7 @@ pub(crate) mod scalar;
 pub struct Kernels {
     pub name: &'static str,
     dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
+    dots_f32: unsafe fn(&[f32], &[f32], &mut [f32]),
     dot_f16: unsafe fn(&[u16], &[u16]) -> f32,
     sqdist_f32: unsafe fn(&[f32], &[f32]) -> f32,
     axpy_f32: unsafe fn(&mut [f32], f32, &[f32]),
@@ -39,6 +40,7 @@ impl Kernels {
         static T: Kernels = Kernels {
             name: "scalar",
             dot_f32: scalar::dot_f32_scalar,
+            dots_f32: scalar::dots_f32_scalar,
             dot_f16: scalar::dot_f16_scalar,
             sqdist_f32: scalar::sqdist_f32_scalar,
             axpy_f32: scalar::axpy_f32_scalar,
@@ -79,6 +81,15 @@ impl Kernels {
         assert_eq!(a.len(), b.len());
         // SAFETY: the table was built only after its CPU features were detected.
         unsafe { (self.dot_f32)(a, b) }
+    }
+
+    /// `out[i] = q · rows[i·d .. (i+1)·d]` with `d = q.len()`; each value equals `dot_f32` of
+    /// that row with `q` (same table, same order), one call for many rows.
+    #[inline]
+    pub fn dots_f32(&self, q: &[f32], rows: &[f32], out: &mut [f32]) {
+        assert_eq!(rows.len(), q.len() * out.len());
+        // SAFETY: as in `dot_f32`.
+        unsafe { (self.dots_f32)(q, rows, out) }
     }
 
     /// Σ a·b over f16 bit patterns, accumulated in f32.

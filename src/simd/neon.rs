@@ -40,6 +40,7 @@ pub(crate) fn table() -> Option<&'static Kernels> {
     static T: Kernels = Kernels {
         name: "neon",
         dot_f32: dot_f32_neon,
+        dots_f32: dots_f32_neon,
         dot_f16: dot_f16_neon,
         sqdist_f32: sqdist_f32_neon,
         axpy_f32: axpy_f32_neon,
@@ -129,12 +130,13 @@ unsafe fn f32_to_bf16x4(x: float32x4_t) -> uint16x4_t {
 
 ////////////////////////////////// kernels //////////////////////////////////
 
-/// Σ a·b over `min(a.len(), b.len())` elements (the table's wrapper asserts equal lengths).
+/// The body of `dot_f32_neon`, inlined into each entry that needs it (one accumulation
+/// order for the single and the batched dot).
 ///
 /// # Safety
-/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
-#[target_feature(enable = "neon")]
-pub(crate) unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
+/// None beyond NEON, the aarch64 baseline.
+#[inline(always)]
+unsafe fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     if n < EPR {
         // SAFETY: the scalar kernel has no precondition.
@@ -161,6 +163,34 @@ pub(crate) unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
         sumf = a[i].mul_add(b[i], sumf);
     }
     sumf
+}
+
+/// Σ a·b over `min(a.len(), b.len())` elements (the table's wrapper asserts equal lengths).
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: the caller guarantees the features the body needs.
+    unsafe { dot_f32_body(a, b) }
+}
+
+/// `out[i] = q · rows[i·d .. (i+1)·d]` with `d = q.len()`, each equal to `dot_f32_neon`; one
+/// call for many rows, so the per-row cost is the arithmetic, not a call through the table.
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn dots_f32_neon(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    let d = q.len();
+    if d == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
+        // SAFETY: as in `dot_f32_neon`.
+        *o = unsafe { dot_f32_body(q, r) };
+    }
 }
 
 /// Σ a·b over f16 bit patterns, each widened exactly, accumulated in f32.

@@ -11,6 +11,19 @@ pub(crate) unsafe fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0.0f32, |s, (x, y)| x.mul_add(*y, s))
 }
 
+/// `out[i] = q · rows[i·d .. (i+1)·d]`, `d = q.len()`: `dot_f32_scalar` row by row.
+pub(crate) unsafe fn dots_f32_scalar(q: &[f32], rows: &[f32], out: &mut [f32]) {
+    let d = q.len();
+    if d == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
+        // SAFETY: no precondition.
+        *o = unsafe { dot_f32_scalar(q, r) };
+    }
+}
+
 /// Σ a·b over f16 bit patterns, each widened exactly to f32.
 pub(crate) unsafe fn dot_f16_scalar(a: &[u16], b: &[u16]) -> f32 {
     a.iter().zip(b).fold(0.0f32, |s, (x, y)| {
