@@ -88,6 +88,11 @@ impl Kernels {
     #[inline]
     pub fn dots_f32(&self, q: &[f32], rows: &[f32], out: &mut [f32]) {
         assert_eq!(rows.len(), q.len() * out.len());
+        if q.is_empty() {
+            // Empty rows: every dot is 0, here once rather than in each kernel.
+            out.fill(0.0);
+            return;
+        }
         // SAFETY: as in `dot_f32`.
         unsafe { (self.dots_f32)(q, rows, out) }
     }

@@ -13,12 +13,8 @@ pub(crate) unsafe fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
 
 /// `out[i] = q · rows[i·d .. (i+1)·d]`, `d = q.len()`: `dot_f32_scalar` row by row.
 pub(crate) unsafe fn dots_f32_scalar(q: &[f32], rows: &[f32], out: &mut [f32]) {
-    let d = q.len();
-    if d == 0 {
-        out.fill(0.0);
-        return;
-    }
-    for (o, r) in out.iter_mut().zip(rows.chunks_exact(d)) {
+    // `q` is non-empty: the table's wrapper answers empty rows itself.
+    for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
         // SAFETY: no precondition.
         *o = unsafe { dot_f32_scalar(q, r) };
     }
