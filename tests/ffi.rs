@@ -460,3 +460,82 @@ fn attention_from_queries_and_probs() {
     };
     assert_eq!(st, kvm_status::KVM_STATUS_INVALID_ARG);
 }
+
+/// Attention from query rows against an f64 softmax computed here from the cache's keys:
+/// f16 keys, GQA 3:1, cells in scrambled order and counts that leave every kind of panel tail,
+/// a bias; and the same bits with 1 and 3 threads.
+#[test]
+fn attention_from_queries_matches_f64_softmax() {
+    let mut s = Shape::small(GgmlType::F16, GgmlType::F16, false);
+    s.n_layers = 1;
+    s.n_cells = 80;
+    let mut cache = Cache::new(&s, 11);
+    let views = cache.views();
+    let (n_kv, group, n_q) = (s.n_head, 3usize, 5usize);
+    let n_head = n_kv * group;
+    let q: Vec<f32> = (0..n_q * n_head * s.dk)
+        .map(|i| ((i * 7919 + 13) % 997) as f32 / 997.0 - 0.5)
+        .collect();
+    let mut one = params(kvm_method::KVM_METHOD_KVMERGER);
+    one.n_threads = 1;
+    let mut three = one;
+    three.n_threads = 3;
+    let (c1, c3) = (Ctx::new(&one), Ctx::new(&three));
+    for n in [1usize, 7, 8, 15, 16, 17, 29, 48, 79] {
+        let cells: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 5) % 80).collect();
+        let bias: Vec<f32> = (0..n).map(|i| (i % 3) as f32 * 0.25).collect();
+        let run = |c: &Ctx| {
+            let mut attn = vec![0f32; n];
+            // SAFETY: valid pointers and lengths, live buffers.
+            let st = unsafe {
+                kvm_attn_from_queries(
+                    c.0,
+                    views.as_ptr(),
+                    q.as_ptr(),
+                    n_q as u32,
+                    n_head as u32,
+                    0.3,
+                    cells.as_ptr(),
+                    n,
+                    bias.as_ptr(),
+                    attn.as_mut_ptr(),
+                )
+            };
+            assert_eq!(st, kvm_status::KVM_STATUS_OK, "{}", last_error());
+            attn
+        };
+        let (a1, a3) = (run(&c1), run(&c3));
+        assert!(
+            a1.iter().zip(&a3).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "n={n}: 1 and 3 threads differ"
+        );
+        let mut want = vec![0f64; n];
+        for r in 0..n_q {
+            for hq in 0..n_head {
+                let qv = &q[(r * n_head + hq) * s.dk..(r * n_head + hq + 1) * s.dk];
+                let logit: Vec<f64> = cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &c)| {
+                        let k = cache.layers[0].get_k(c as usize, hq / group);
+                        let dot: f64 = qv.iter().zip(&k).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        0.3 * dot + bias[i] as f64
+                    })
+                    .collect();
+                let mx = logit.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = logit.iter().map(|l| (l - mx).exp()).sum();
+                for (w, l) in want.iter_mut().zip(&logit) {
+                    *w += (l - mx).exp() / sum;
+                }
+            }
+        }
+        for i in 0..n {
+            assert!(
+                (a1[i] as f64 - want[i]).abs() < 1e-5 * (n_q * n_head) as f64,
+                "n={n} cell {i}: {} vs f64 {}",
+                a1[i],
+                want[i]
+            );
+        }
+    }
+}

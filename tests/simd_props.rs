@@ -14,7 +14,7 @@
 //! destination slice (checked with guard elements on both sides).
 
 use half::{bf16, f16};
-use kvmerger::simd::Kernels;
+use kvmerger::simd::{Kernels, QK_PANEL};
 use proptest::prelude::*;
 use proptest::sample::select;
 
@@ -161,22 +161,45 @@ fn check_dot_f32(k: &Kernels, a: &[f32], b: &[f32]) -> Result<(), TestCaseError>
     check_reduction("dot_f32", k.dot_f32(a, b), exact, mag, a.len())
 }
 
-/// The batched dot: each output is bit-identical to the single `dot_f32` of its row (same
-/// table, same order) and so within the reduction tolerance of the f64 sum.
-fn check_dots_f32(k: &Kernels, q: &[f32], rows: &[f32]) -> Result<(), TestCaseError> {
-    let n_rows = 3;
-    let d = q.len();
-    prop_assert_eq!(rows.len(), n_rows * d);
-    let mut out = vec![f32::NAN; n_rows];
-    k.dots_f32(q, rows, &mut out);
-    for (i, &o) in out.iter().enumerate() {
-        let r = &rows[i * d..(i + 1) * d];
-        let one = k.dot_f32(q, r);
-        prop_assert!(
-            o.to_bits() == one.to_bits(),
-            "dots_f32 d={d} row {i}: {o} vs dot_f32 {one}"
-        );
-        check_dot_f32(k, q, r)?;
+/// Queries against packed keys. `kt` comes as `d` rows of `n` (one per channel) and is packed
+/// here into the kernels' panels, the padding poisoned with NaN (it must never be read). Keys
+/// of every count `n` test the full panels and the 8- and 4-key blocks and single keys of the
+/// last one; 1..=7 query rows test the 4-row blocks and their tails. Each output must be
+/// bit-identical to the scalar table (one fused chain per lane), the scalar within the
+/// reduction tolerance of the f64 sum, and nothing may be written outside `out`.
+fn check_qk_t_f32(
+    k: &Kernels,
+    q: &[f32],
+    d: usize,
+    kt: &[f32],
+    off: usize,
+) -> Result<(), TestCaseError> {
+    let (m, n) = (q.len() / d, kt.len() / d);
+    let mut packed = vec![f32::NAN; off + n.div_ceil(QK_PANEL) * QK_PANEL * d];
+    for i in 0..n {
+        for j in 0..d {
+            packed[off + (i / QK_PANEL) * QK_PANEL * d + j * QK_PANEL + i % QK_PANEL] =
+                kt[j * n + i];
+        }
+    }
+    let packed = &packed[off..];
+    let got = guarded(&vec![f32::NAN; m * n], off, -2.5f32, |o| {
+        k.qk_t_f32(q, d, packed, o)
+    })?;
+    let mut want = vec![f32::NAN; m * n];
+    Kernels::scalar().qk_t_f32(q, d, packed, &mut want);
+    for r in 0..m {
+        for i in 0..n {
+            let (g, w) = (got[r * n + i], want[r * n + i]);
+            prop_assert!(
+                g.to_bits() == w.to_bits(),
+                "qk_t_f32 m={m} d={d} n={n} ({r},{i}): {g} vs scalar {w}"
+            );
+            let terms = (0..d).map(|j| f64::from(q[r * d + j]) * f64::from(kt[j * n + i]));
+            let exact: f64 = terms.clone().sum();
+            let mag: f64 = terms.map(f64::abs).sum();
+            check_reduction("qk_t_f32", w, exact, mag, d)?;
+        }
     }
     Ok(())
 }
@@ -318,15 +341,10 @@ fn check_all(k: &Kernels, g: &mut XorShift, n: usize, off: usize) -> Result<(), 
     let (pfa, pfb, pha, phb) = (pad(&fa), pad(&fb), padh(&ha), padh(&hb));
     let (pbb, pcf) = (padh(&bb), pad(&cf));
     check_dot_f32(k, &pfa[off..], &pfb[off..])?;
-    // three rows (b, a, a reversed) behind `off` elements of padding
-    let rows: Vec<f32> = [
-        vec![0.25f32; off],
-        fb.clone(),
-        fa.clone(),
-        fa.iter().rev().copied().collect(),
-    ]
-    .concat();
-    check_dots_f32(k, &pfa[off..], &rows[off..])?;
+    // n keys of 3 channels (rows b, a, a reversed) against 1..=5 query rows
+    let kt: Vec<f32> = [fb.clone(), fa.clone(), fa.iter().rev().copied().collect()].concat();
+    let q: Vec<f32> = (0..3 * (1 + n % 7)).map(|_| g.arith()).collect();
+    check_qk_t_f32(k, &q, 3, &kt, off)?;
     check_sqdist_f32(k, &pfa[off..], &pfb[off..])?;
     check_dot_f16(k, &pha[off..], &phb[off..])?;
     check_axpy_f32(k, &fa, g.arith(), &pfb[off..], off)?;
@@ -413,10 +431,11 @@ macro_rules! simd_props {
                 }
 
                 #[test]
-                fn dots_f32((a, b, off) in pair(arith_f32())) {
+                fn qk_t_f32((a, b, off) in pair(arith_f32()), q in prop::collection::vec(arith_f32(), 2..=14)) {
                     let Some(k) = table() else { return Ok(()) };
-                    let rows: Vec<f32> = [&b[off..], &a[off..], &b[off..]].concat();
-                    check_dots_f32(k, &a[off..], &rows)?;
+                    // keys: the channel rows a and b; queries: pairs of q
+                    let kt = [&a[off..], &b[off..]].concat();
+                    check_qk_t_f32(k, &q[..q.len() / 2 * 2], 2, &kt, off)?;
                 }
 
                 #[test]

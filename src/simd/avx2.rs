@@ -26,7 +26,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::{scalar, Kernels};
+use super::{scalar, Kernels, QK_PANEL};
 
 /// Elements per loop step (ggml `GGML_F32_STEP`).
 const STEP: usize = 32;
@@ -41,7 +41,7 @@ pub(crate) fn table() -> Option<&'static Kernels> {
     static T: Kernels = Kernels {
         name: "avx2",
         dot_f32: dot_f32_avx2,
-        dots_f32: dots_f32_avx2,
+        qk_t_f32: qk_t_f32_avx2,
         dot_f16: dot_f16_avx2,
         sqdist_f32: sqdist_f32_avx2,
         axpy_f32: axpy_f32_avx2,
@@ -120,13 +120,12 @@ unsafe fn f32_to_bf16x8(x: __m256) -> __m128i {
 
 ////////////////////////////////// kernels //////////////////////////////////
 
-/// The body of `dot_f32_avx2`, inlined into each entry that needs it (one accumulation
-/// order for the single and the batched dot).
+/// Σ a·b over `min(a.len(), b.len())` elements (the table's wrapper asserts equal lengths).
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA.
-#[inline(always)]
-unsafe fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     if n < EPR {
         // SAFETY: the scalar kernel has no precondition.
@@ -155,27 +154,105 @@ unsafe fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
     sumf
 }
 
-/// Σ a·b over `min(a.len(), b.len())` elements (the table's wrapper asserts equal lengths).
+/// One block of `MQ` queries × `NV`·8 keys of [`qk_t_f32_avx2`]: query rows `r0..`, panel
+/// columns `ko..` (output columns `i0 + ko..`). The `MQ·NV` accumulators stay in registers
+/// for the whole channel loop, so each key vector loaded serves `MQ` queries and nothing is
+/// reduced horizontally.
 ///
 /// # Safety
-/// The CPU supports AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
-    // SAFETY: the caller guarantees the features the body needs.
-    unsafe { dot_f32_body(a, b) }
+/// The CPU supports AVX2 and FMA; rows `r0..r0+MQ` of `q` (`d` wide) exist, `panel` is one whole panel
+/// (`QK_PANEL·d` floats), `ko + NV·8 <= QK_PANEL` and `out` has the cells
+/// `(r0+a)·n + i0 + ko ..+NV·8`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn qk_block<const MQ: usize, const NV: usize>(
+    q: &[f32],
+    d: usize,
+    panel: &[f32],
+    out: &mut [f32],
+    n: usize,
+    r0: usize,
+    i0: usize,
+    ko: usize,
+) {
+    let (pq, pk, po) = (q.as_ptr(), panel.as_ptr(), out.as_mut_ptr());
+    // SAFETY: features by the caller; every load reads panel[j·P + ko + v·8 ..+8] with
+    // ko + NV·8 <= P, every q read one float of rows r0..r0+MQ, every store 8 floats of
+    // out inside the caller's bounds; unaligned loads and stores are fine.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); NV]; MQ];
+        for j in 0..d {
+            let mut k = [_mm256_setzero_ps(); NV];
+            for (v, kv) in k.iter_mut().enumerate() {
+                *kv = _mm256_loadu_ps(pk.add(j * QK_PANEL + ko + v * EPR));
+            }
+            for (a, row) in acc.iter_mut().enumerate() {
+                let qb = _mm256_broadcast_ss(&*pq.add((r0 + a) * d + j));
+                for (s, kv) in row.iter_mut().zip(&k) {
+                    *s = _mm256_fmadd_ps(qb, *kv, *s);
+                }
+            }
+        }
+        for (a, row) in acc.iter().enumerate() {
+            for (v, s) in row.iter().enumerate() {
+                _mm256_storeu_ps(po.add((r0 + a) * n + i0 + ko + v * EPR), *s);
+            }
+        }
+    }
 }
 
-/// `out[i] = q · rows[i·d .. (i+1)·d]` with `d = q.len()`, each equal to `dot_f32_avx2`; one
-/// call for many rows, so the per-row cost is the arithmetic, not a call through the table.
+/// Queries against keys packed in panels (see [`Kernels::qk_t_f32`](super::Kernels::qk_t_f32)),
+/// bit-identical to `qk_t_f32_scalar`: each lane runs the scalar's fused chain over the
+/// channels. One panel (16 keys, `16·d` contiguous floats) at a time goes through every query
+/// row, 4 rows per pass, while it sits in L1.
 ///
 /// # Safety
 /// The CPU supports AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dots_f32_avx2(q: &[f32], rows: &[f32], out: &mut [f32]) {
-    // `q` is non-empty: the table's wrapper answers empty rows itself.
-    for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
-        // SAFETY: as in `dot_f32_avx2`.
-        *o = unsafe { dot_f32_body(q, r) };
+pub(crate) unsafe fn qk_t_f32_avx2(q: &[f32], d: usize, kt: &[f32], out: &mut [f32]) {
+    // `d`, `m` and `n` are non-zero and `kt` holds every panel: the table's wrapper checked.
+    let m = q.len() / d;
+    let n = out.len() / m;
+    for (p, panel) in kt
+        .chunks_exact(QK_PANEL * d)
+        .take(n.div_ceil(QK_PANEL))
+        .enumerate()
+    {
+        let i0 = p * QK_PANEL;
+        let w = (n - i0).min(QK_PANEL);
+        let mut ko = 0;
+        // SAFETY (each block): features guaranteed; r + MQ <= m and ko + NV·EPR <= w <= P.
+        macro_rules! rows {
+            ($nv:literal) => {
+                let mut r = 0;
+                while r + 4 <= m {
+                    // SAFETY: see above.
+                    unsafe { qk_block::<4, $nv>(q, d, panel, out, n, r, i0, ko) };
+                    r += 4;
+                }
+                for r in r..m {
+                    // SAFETY: see above.
+                    unsafe { qk_block::<1, $nv>(q, d, panel, out, n, r, i0, ko) };
+                }
+                ko += $nv * EPR;
+            };
+        }
+        if w == QK_PANEL {
+            rows!(2);
+        }
+        while ko + EPR <= w {
+            rows!(1);
+        }
+        // the last panel's leftover keys: the same chain, one at a time
+        for r in 0..m {
+            for c in ko..w {
+                let mut s = 0f32;
+                for j in 0..d {
+                    s = q[r * d + j].mul_add(panel[j * QK_PANEL + c], s);
+                }
+                out[r * n + i0 + c] = s;
+            }
+        }
     }
 }
 

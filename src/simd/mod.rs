@@ -11,6 +11,9 @@
 
 use std::sync::OnceLock;
 
+/// Keys per panel of [`Kernels::qk_t_f32`]'s packed layout.
+pub const QK_PANEL: usize = 16;
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "aarch64")]
@@ -24,7 +27,7 @@ pub(crate) mod scalar;
 pub struct Kernels {
     pub name: &'static str,
     dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
-    dots_f32: unsafe fn(&[f32], &[f32], &mut [f32]),
+    qk_t_f32: unsafe fn(&[f32], usize, &[f32], &mut [f32]),
     dot_f16: unsafe fn(&[u16], &[u16]) -> f32,
     sqdist_f32: unsafe fn(&[f32], &[f32]) -> f32,
     axpy_f32: unsafe fn(&mut [f32], f32, &[f32]),
@@ -40,7 +43,7 @@ impl Kernels {
         static T: Kernels = Kernels {
             name: "scalar",
             dot_f32: scalar::dot_f32_scalar,
-            dots_f32: scalar::dots_f32_scalar,
+            qk_t_f32: scalar::qk_t_f32_scalar,
             dot_f16: scalar::dot_f16_scalar,
             sqdist_f32: scalar::sqdist_f32_scalar,
             axpy_f32: scalar::axpy_f32_scalar,
@@ -83,18 +86,29 @@ impl Kernels {
         unsafe { (self.dot_f32)(a, b) }
     }
 
-    /// `out[i] = q · rows[i·d .. (i+1)·d]` with `d = q.len()`; each value equals `dot_f32` of
-    /// that row with `q` (same table, same order), one call for many rows.
+    /// Queries against packed keys: `out[r·n + i] = q_r · k_i` for the `m = q.len()/d` query
+    /// rows of `q` and the `n = out.len()/m` keys of `kt`. `kt` holds the keys transposed in
+    /// panels of [`QK_PANEL`]: channel `j` of key `i` at
+    /// `(i / QK_PANEL)·QK_PANEL·d + j·QK_PANEL + i % QK_PANEL`, the last panel padded (its
+    /// padding is never read). One panel is a small contiguous matrix that stays in L1 while
+    /// every query passes over it, and no dot needs a horizontal sum. Every table gives the
+    /// same bits: one fused multiply-add chain over `j` per output.
     #[inline]
-    pub fn dots_f32(&self, q: &[f32], rows: &[f32], out: &mut [f32]) {
-        assert_eq!(rows.len(), q.len() * out.len());
-        if q.is_empty() {
-            // Empty rows: every dot is 0, here once rather than in each kernel.
-            out.fill(0.0);
+    pub fn qk_t_f32(&self, q: &[f32], d: usize, kt: &[f32], out: &mut [f32]) {
+        assert!(d > 0 && q.len() % d == 0, "q is not whole rows of d = {d}");
+        let m = q.len() / d;
+        if m == 0 || out.is_empty() {
+            assert!(out.is_empty());
             return;
         }
-        // SAFETY: as in `dot_f32`.
-        unsafe { (self.dots_f32)(q, rows, out) }
+        assert_eq!(out.len() % m, 0);
+        let n = out.len() / m;
+        assert!(
+            kt.len() >= n.div_ceil(QK_PANEL) * QK_PANEL * d,
+            "kt shorter than its panels"
+        );
+        // SAFETY: as in `dot_f32`; the shapes were checked above.
+        unsafe { (self.qk_t_f32)(q, d, kt, out) }
     }
 
     /// Σ a·b over f16 bit patterns, accumulated in f32.

@@ -6,17 +6,28 @@
 
 use half::{bf16, f16};
 
+use super::QK_PANEL;
+
 /// Σ a·b, front to back.
 pub(crate) unsafe fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0.0f32, |s, (x, y)| x.mul_add(*y, s))
 }
 
-/// `out[i] = q · rows[i·d .. (i+1)·d]`, `d = q.len()`: `dot_f32_scalar` row by row.
-pub(crate) unsafe fn dots_f32_scalar(q: &[f32], rows: &[f32], out: &mut [f32]) {
-    // `q` is non-empty: the table's wrapper answers empty rows itself.
-    for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
-        // SAFETY: no precondition.
-        *o = unsafe { dot_f32_scalar(q, r) };
+/// Queries against keys packed in panels (see [`Kernels::qk_t_f32`](super::Kernels::qk_t_f32)):
+/// each output is one fused multiply-add chain over the channels, front to back; the ISA
+/// kernels run the same chain in each lane, so every table gives the same bits.
+pub(crate) unsafe fn qk_t_f32_scalar(q: &[f32], d: usize, kt: &[f32], out: &mut [f32]) {
+    // `d`, `m` and `n` are non-zero and `kt` holds every panel: the table's wrapper checked.
+    let n = out.len() / (q.len() / d);
+    for (qr, o) in q.chunks_exact(d).zip(out.chunks_exact_mut(n)) {
+        for (oc, panel) in o.chunks_mut(QK_PANEL).zip(kt.chunks_exact(QK_PANEL * d)) {
+            oc.fill(0.0);
+            for (&qj, kr) in qr.iter().zip(panel.chunks_exact(QK_PANEL)) {
+                for (oi, &k) in oc.iter_mut().zip(kr) {
+                    *oi = qj.mul_add(k, *oi);
+                }
+            }
+        }
     }
 }
 
