@@ -217,6 +217,16 @@ typedef struct kvm_plan_info {
   const uint32_t *counts;
 } kvm_plan_info;
 
+// One layer's recent query rows, for `kvm_attn_from_queries_layers`.
+typedef struct kvm_query_rows {
+  // `n_q` rows of `n_head · n_embd_head_k` f32, post-RoPE (rotated like the cached keys).
+  const float *q;
+  // Query heads of the layer, a multiple of its `n_head_kv`.
+  uint32_t n_head;
+  // The logit scale, usually `1/√n_embd_head_k`.
+  float kq_scale;
+} kvm_query_rows;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -290,6 +300,7 @@ kvm_status kvm_plan_apply(const struct kvm_ctx *ctx,
 // if the host rotates quantized K). Softmax per query head over the given cells (pass all the
 // sequence's cells), `logit = kq_scale · q·k + bias[i]` (`bias` nullable, e.g. ln(count)).
 // Query head h reads KV head `h / (n_head / n_head_kv)`. `attn` is read and written.
+// For several layers, `kvm_attn_from_queries_layers` does the same in one parallel pass.
 kvm_status kvm_attn_from_queries(const struct kvm_ctx *ctx,
                                  const struct kvm_layer_view *layer,
                                  const float *q,
@@ -300,6 +311,20 @@ kvm_status kvm_attn_from_queries(const struct kvm_ctx *ctx,
                                  size_t n_cells,
                                  const float *bias,
                                  float *attn);
+
+// `kvm_attn_from_queries` for `n_layers` layers at once: `queries[l]` holds layer
+// `layers[l]`'s `n_q` query rows, its head count and its scale. The probabilities of every
+// layer are added into the one `attn`. Faster than a call per layer (one parallel pass over
+// layers and KV heads); the result does not depend on the number of threads.
+kvm_status kvm_attn_from_queries_layers(const struct kvm_ctx *ctx,
+                                        const struct kvm_layer_view *layers,
+                                        const struct kvm_query_rows *queries,
+                                        size_t n_layers,
+                                        uint32_t n_q,
+                                        const uint32_t *cells,
+                                        size_t n_cells,
+                                        const float *bias,
+                                        float *attn);
 
 // Adds already-softmaxed rows (llama.cpp's `kq_soft_max`) per cell:
 // `attn[i] += Σ_r probs[r·row_stride + cells[i]]` over `n_rows` rows of `n_kv` floats.

@@ -464,6 +464,135 @@ fn attention_from_queries_and_probs() {
 /// Attention from query rows against an f64 softmax computed here from the cache's keys:
 /// f16 keys, GQA 3:1, cells in scrambled order and counts that leave every kind of panel tail,
 /// a bias; and the same bits with 1 and 3 threads.
+/// The one-call form over several layers (each its own GQA group and scale; f16 keys through
+/// the packing kernel, q8_0 and f32 through row reads) adds exactly what a call per layer
+/// adds, bit for bit, on 1 and 3 threads; a bad layer fails the whole call before `attn` is
+/// touched.
+#[test]
+fn attention_over_layers_in_one_call_equals_a_call_per_layer() {
+    for tk in [GgmlType::F16, GgmlType::Q8_0, GgmlType::F32] {
+        let mut s = Shape::small(tk, GgmlType::F16, false);
+        s.n_cells = 70;
+        let mut cache = Cache::new(&s, 5);
+        let views = cache.views();
+        let n_q = 4usize;
+        let heads: Vec<usize> = (0..s.n_layers).map(|l| s.n_head * (l + 1)).collect();
+        let qs: Vec<Vec<f32>> = heads
+            .iter()
+            .enumerate()
+            .map(|(l, &h)| {
+                (0..n_q * h * s.dk)
+                    .map(|i| ((i * 7919 + 31 * l) % 991) as f32 / 991.0 - 0.5)
+                    .collect()
+            })
+            .collect();
+        let scale = |l: usize| 0.2 + 0.1 * l as f32;
+        let rows: Vec<kvm_query_rows> = (0..s.n_layers)
+            .map(|l| kvm_query_rows {
+                q: qs[l].as_ptr(),
+                n_head: heads[l] as u32,
+                kq_scale: scale(l),
+            })
+            .collect();
+        let cells: Vec<u32> = (0..61u32).map(|i| (i * 13 + 2) % 70).collect();
+        let bias: Vec<f32> = (0..cells.len()).map(|i| (i % 4) as f32 * 0.3).collect();
+        let start: Vec<f32> = (0..cells.len()).map(|i| i as f32 * 0.01).collect();
+        let mut p = params(kvm_method::KVM_METHOD_KVMERGER);
+        for threads in [1, 3] {
+            p.n_threads = threads;
+            let c = Ctx::new(&p);
+            let mut sep = start.clone();
+            for l in 0..s.n_layers {
+                // SAFETY: valid pointers and lengths, live buffers.
+                let st = unsafe {
+                    kvm_attn_from_queries(
+                        c.0,
+                        &views[l],
+                        qs[l].as_ptr(),
+                        n_q as u32,
+                        heads[l] as u32,
+                        scale(l),
+                        cells.as_ptr(),
+                        cells.len(),
+                        bias.as_ptr(),
+                        sep.as_mut_ptr(),
+                    )
+                };
+                assert_eq!(st, kvm_status::KVM_STATUS_OK, "{}", last_error());
+            }
+            let mut one = start.clone();
+            // SAFETY: as above.
+            let st = unsafe {
+                kvm_attn_from_queries_layers(
+                    c.0,
+                    views.as_ptr(),
+                    rows.as_ptr(),
+                    views.len(),
+                    n_q as u32,
+                    cells.as_ptr(),
+                    cells.len(),
+                    bias.as_ptr(),
+                    one.as_mut_ptr(),
+                )
+            };
+            assert_eq!(st, kvm_status::KVM_STATUS_OK, "{}", last_error());
+            assert!(
+                sep.iter()
+                    .zip(&one)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{tk:?}, {threads} threads: one call differs from a call per layer"
+            );
+            assert!(
+                one.iter().zip(&start).all(|(a, b)| a > b),
+                "every cell gets attention"
+            );
+
+            // layer 1 with a head count that is no multiple of n_head_kv, or no query rows
+            let mut bad = rows.clone();
+            bad[1].n_head = s.n_head as u32 + 1;
+            let mut nulls = rows.clone();
+            nulls[2].q = null();
+            for (b, want) in [
+                (&bad, kvm_status::KVM_STATUS_INVALID_ARG),
+                (&nulls, kvm_status::KVM_STATUS_NULL_ARG),
+            ] {
+                let mut attn = start.clone();
+                // SAFETY: as above (the broken entry is what is tested).
+                let st = unsafe {
+                    kvm_attn_from_queries_layers(
+                        c.0,
+                        views.as_ptr(),
+                        b.as_ptr(),
+                        views.len(),
+                        n_q as u32,
+                        cells.as_ptr(),
+                        cells.len(),
+                        bias.as_ptr(),
+                        attn.as_mut_ptr(),
+                    )
+                };
+                assert_eq!(st, want);
+                assert_eq!(attn, start, "attn touched by a failed call");
+            }
+            // SAFETY: NULL queries with layers is an error, not a read.
+            let st = unsafe {
+                kvm_attn_from_queries_layers(
+                    c.0,
+                    views.as_ptr(),
+                    null(),
+                    views.len(),
+                    n_q as u32,
+                    cells.as_ptr(),
+                    cells.len(),
+                    null(),
+                    one.as_mut_ptr(),
+                )
+            };
+            assert_eq!(st, kvm_status::KVM_STATUS_NULL_ARG);
+        }
+    }
+}
+
 #[test]
 fn attention_from_queries_matches_f64_softmax() {
     let mut s = Shape::small(GgmlType::F16, GgmlType::F16, false);

@@ -204,6 +204,97 @@ fn check_qk_t_f32(
     Ok(())
 }
 
+/// `t` keys of `d` f16 channels (row-major in `src`, which may start misaligned) packed into
+/// one panel: bit-identical to the scalar table, which must equal `half`'s widening at
+/// `panel[j·QK_PANEL + i]`; the padding columns (`i >= t`) and everything around the panel
+/// keep their old contents.
+fn check_pack_keys_f16(
+    k: &Kernels,
+    src: &[u16],
+    t: usize,
+    d: usize,
+    off: usize,
+) -> Result<(), TestCaseError> {
+    let rows: Vec<&[u16]> = src.chunks_exact(d).take(t).collect();
+    let init = vec![-2.5f32; QK_PANEL * d];
+    let got = guarded(&init, off, -3.5f32, |p| k.pack_keys_f16(&rows, p))?;
+    let mut want = init.clone();
+    Kernels::scalar().pack_keys_f16(&rows, &mut want);
+    for j in 0..d {
+        for i in 0..QK_PANEL {
+            let (g, w) = (got[j * QK_PANEL + i], want[j * QK_PANEL + i]);
+            prop_assert!(
+                g.to_bits() == w.to_bits(),
+                "pack t={t} d={d} ({i},{j}): {g} vs {w}"
+            );
+            let exact = if i < t {
+                f16::from_bits(rows[i][j]).to_f32()
+            } else {
+                -2.5
+            };
+            prop_assert!(
+                w.to_bits() == exact.to_bits() || (w.is_nan() && exact.is_nan()),
+                "scalar pack t={t} d={d} ({i},{j}): {w} vs {exact}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `acc += softmax(kq_scale·logit + bias)`: bit-identical to the scalar table, and the scalar
+/// within 2e-6 + 1e-5·p (plus the f32 rounding of the sum) of the f64 softmax that treats NaN logits as masked; a row with no
+/// finite logit leaves `acc` alone.
+fn check_softmax_acc(
+    k: &Kernels,
+    logit: &[f32],
+    kq_scale: f32,
+    bias: Option<&[f32]>,
+    acc0: &[f32],
+) -> Result<(), TestCaseError> {
+    let n = logit.len();
+    let run = |t: &Kernels| {
+        let mut l = logit.to_vec();
+        let mut a = acc0.to_vec();
+        t.softmax_acc(&mut l, kq_scale, bias, &mut a);
+        a
+    };
+    let (got, want) = (run(k), run(Kernels::scalar()));
+    let z: Vec<f64> = (0..n)
+        .map(|i| {
+            // the scaled logit as the kernel rounds it to f32; the rest in f64
+            let x = f64::from(kq_scale * logit[i] + bias.map_or(0.0, |b| b[i]));
+            if x.is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                x
+            }
+        })
+        .collect();
+    let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = z.iter().map(|x| (x - mx).exp()).sum();
+    for i in 0..n {
+        prop_assert!(
+            got[i].to_bits() == want[i].to_bits(),
+            "softmax_acc n={n} [{i}]: {} vs scalar {}",
+            got[i],
+            want[i]
+        );
+        let p = if mx.is_finite() {
+            (z[i] - mx).exp() / sum
+        } else {
+            0.0
+        };
+        let exact = f64::from(acc0[i]) + p;
+        prop_assert!(
+            (f64::from(want[i]) - exact).abs()
+                <= 2e-6 + 1e-5 * p + f64::from(f32::EPSILON) * exact.abs(),
+            "softmax_acc n={n} [{i}]: {} vs f64 {exact}",
+            want[i]
+        );
+    }
+    Ok(())
+}
+
 fn check_dot_f16(k: &Kernels, a: &[u16], b: &[u16]) -> Result<(), TestCaseError> {
     let w = |h: &u16| f64::from(f16::from_bits(*h).to_f32());
     let exact: f64 = a.iter().zip(b).map(|(x, y)| w(x) * w(y)).sum();
@@ -345,6 +436,24 @@ fn check_all(k: &Kernels, g: &mut XorShift, n: usize, off: usize) -> Result<(), 
     let kt: Vec<f32> = [fb.clone(), fa.clone(), fa.iter().rev().copied().collect()].concat();
     let q: Vec<f32> = (0..3 * (1 + n % 7)).map(|_| g.arith()).collect();
     check_qk_t_f32(k, &q, 3, &kt, off)?;
+    // 0..=16 keys of 1..=73 channels, rows from a misaligned start
+    let (t, d) = (n % (QK_PANEL + 1), 1 + n % 73);
+    let hk: Vec<u16> = (0..off + t * d).map(|_| g.f16()).collect();
+    check_pack_keys_f16(k, &hk[off..], t, d, off)?;
+    // logits of the arithmetic range with masked (−∞) and broken (NaN) entries, a bias on
+    // odd lengths
+    let lg: Vec<f32> = fa
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| match i % 23 {
+            5 => f32::NEG_INFINITY,
+            17 => f32::NAN,
+            _ => x,
+        })
+        .collect();
+    let bias: Vec<f32> = fb.iter().map(|x| x / 50.0).collect();
+    check_softmax_acc(k, &lg, 0.125, (n % 2 == 1).then_some(&bias[..]), &fb)?;
+    check_softmax_acc(k, &vec![f32::NEG_INFINITY; n], 1.0, None, &fa)?;
     check_sqdist_f32(k, &pfa[off..], &pfb[off..])?;
     check_dot_f16(k, &pha[off..], &phb[off..])?;
     check_axpy_f32(k, &fa, g.arith(), &pfb[off..], off)?;
@@ -436,6 +545,22 @@ macro_rules! simd_props {
                     // keys: the channel rows a and b; queries: pairs of q
                     let kt = [&a[off..], &b[off..]].concat();
                     check_qk_t_f32(k, &q[..q.len() / 2 * 2], 2, &kt, off)?;
+                }
+
+                #[test]
+                fn pack_keys_f16((src, _, off) in pair(f16_bits()), t in 0usize..=QK_PANEL, d in 1usize..=80) {
+                    let Some(k) = table() else { return Ok(()) };
+                    let src: Vec<u16> = src.iter().cycle().take(off + t * d).copied().collect();
+                    if src.len() == off + t * d {
+                        check_pack_keys_f16(k, &src[off..], t, d, off)?;
+                    }
+                }
+
+                #[test]
+                fn softmax_acc((l, a, off) in pair(arith_f32()), scale in 0.01f32..2.0, with_bias in any::<bool>()) {
+                    let Some(k) = table() else { return Ok(()) };
+                    let bias: Vec<f32> = a[off..].iter().map(|x| x.clamp(-5.0, 5.0)).collect();
+                    check_softmax_acc(k, &l[off..], scale, with_bias.then_some(&bias[..]), &a[off..])?;
                 }
 
                 #[test]

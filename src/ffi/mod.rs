@@ -285,6 +285,7 @@ pub unsafe extern "C" fn kvm_plan_apply(
 /// if the host rotates quantized K). Softmax per query head over the given cells (pass all the
 /// sequence's cells), `logit = kq_scale · q·k + bias[i]` (`bias` nullable, e.g. ln(count)).
 /// Query head h reads KV head `h / (n_head / n_head_kv)`. `attn` is read and written.
+/// For several layers, `kvm_attn_from_queries_layers` does the same in one parallel pass.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvm_attn_from_queries(
     ctx: *const kvm_ctx,
@@ -298,17 +299,52 @@ pub unsafe extern "C" fn kvm_attn_from_queries(
     bias: *const f32,
     attn: *mut f32,
 ) -> kvm_status {
+    let rows = kvm_query_rows {
+        q,
+        n_head,
+        kq_scale,
+    };
+    // SAFETY: the caller's promises for `layer` and the buffers are the one-layer case of
+    // `kvm_attn_from_queries_layers`' (which guards the call); `rows` lives across it.
+    unsafe { kvm_attn_from_queries_layers(ctx, layer, &rows, 1, n_q, cells, n_cells, bias, attn) }
+}
+
+/// `kvm_attn_from_queries` for `n_layers` layers at once: `queries[l]` holds layer
+/// `layers[l]`'s `n_q` query rows, its head count and its scale. The probabilities of every
+/// layer are added into the one `attn`. Faster than a call per layer (one parallel pass over
+/// layers and KV heads); the result does not depend on the number of threads.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvm_attn_from_queries_layers(
+    ctx: *const kvm_ctx,
+    layers: *const kvm_layer_view,
+    queries: *const kvm_query_rows,
+    n_layers: usize,
+    n_q: u32,
+    cells: *const u32,
+    n_cells: usize,
+    bias: *const f32,
+    attn: *mut f32,
+) -> kvm_status {
     guard(|| {
         let c = ctx!(ctx);
-        let (raw, geoms) = layers_of(layer, 1)?;
+        let (raw, geoms) = layers_of(layers, n_layers)?;
+        let rows = try_slice!(queries, n_layers, "queries");
         let cells = try_slice!(cells, n_cells, "cells");
         layout::validate_cells(cells, geoms[0].n_cells)?;
-        let dk = geoms[0].dk;
-        let nq = (n_q as usize)
-            .checked_mul(n_head as usize)
-            .and_then(|x| x.checked_mul(dk))
-            .ok_or_else(|| Error::InvalidArg("n_q · n_head · n_embd_head_k overflows".into()))?;
-        let q = try_slice!(q, nq, "q");
+        let mut qs = Vec::with_capacity(n_layers);
+        for (g, r) in geoms.iter().zip(rows) {
+            let nq = (n_q as usize)
+                .checked_mul(r.n_head as usize)
+                .and_then(|x| x.checked_mul(g.dk))
+                .ok_or_else(|| {
+                    Error::InvalidArg("n_q · n_head · n_embd_head_k overflows".into())
+                })?;
+            qs.push(attention::Queries {
+                q: try_slice!(r.q, nq, "q"),
+                n_head: r.n_head as usize,
+                kq_scale: r.kq_scale,
+            });
+        }
         let bias = opt_slice!(bias, n_cells);
         let attn: &mut [f32] = if n_cells == 0 {
             &mut []
@@ -318,19 +354,9 @@ pub unsafe extern "C" fn kvm_attn_from_queries(
             // SAFETY: the caller promises n_cells writable floats.
             unsafe { std::slice::from_raw_parts_mut(attn, n_cells) }
         };
-        // SAFETY: validated view, caller keeps it valid during the call.
+        // SAFETY: validated views, caller keeps them valid during the call.
         let views = unsafe { layout::borrow(&raw, &geoms) };
-        attention::from_queries(
-            &c.exec(),
-            &views[0],
-            q,
-            n_q as usize,
-            n_head as usize,
-            kq_scale,
-            cells,
-            bias,
-            attn,
-        )
+        attention::from_queries(&c.exec(), &views, &qs, n_q as usize, cells, bias, attn)
     })
 }
 

@@ -221,6 +221,18 @@ pub struct kvm_layer_view {
     pub v_trans: bool,
 }
 
+/// One layer's recent query rows, for `kvm_attn_from_queries_layers`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct kvm_query_rows {
+    /// `n_q` rows of `n_head · n_embd_head_k` f32, post-RoPE (rotated like the cached keys).
+    pub q: *const f32,
+    /// Query heads of the layer, a multiple of its `n_head_kv`.
+    pub n_head: u32,
+    /// The logit scale, usually `1/√n_embd_head_k`.
+    pub kq_scale: f32,
+}
+
 impl kvm_tensor_view {
     fn raw(&self) -> RawView {
         RawView {

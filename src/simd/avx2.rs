@@ -42,6 +42,8 @@ pub(crate) fn table() -> Option<&'static Kernels> {
         name: "avx2",
         dot_f32: dot_f32_avx2,
         qk_t_f32: qk_t_f32_avx2,
+        pack_keys_f16: pack_keys_f16_avx2,
+        softmax_acc: softmax_acc_avx2,
         dot_f16: dot_f16_avx2,
         sqdist_f32: sqdist_f32_avx2,
         axpy_f32: axpy_f32_avx2,
@@ -254,6 +256,91 @@ pub(crate) unsafe fn qk_t_f32_avx2(q: &[f32], d: usize, kt: &[f32], out: &mut [f
             }
         }
     }
+}
+
+/// f16 keys into one panel (see `pack_keys_f16_scalar`), bit-identical to it: blocks of 8
+/// rows × 8 channels are widened by F16C (exact, like `half`) and transposed in registers, so
+/// each store writes 8 keys of one channel; the leftovers go through the scalar code.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn pack_keys_f16_avx2(rows: &[&[u16]], panel: &mut [f32]) {
+    // rows.len() <= QK_PANEL and every row holds d = panel.len() / QK_PANEL channels: the
+    // table's wrapper checked.
+    let d = panel.len() / QK_PANEL;
+    let d8 = d & !(EPR - 1);
+    let full = rows.len() & !(EPR - 1);
+    let pp = panel.as_mut_ptr();
+    for g in (0..full).step_by(EPR) {
+        let block = &rows[g..g + EPR];
+        for j in (0..d8).step_by(EPR) {
+            // SAFETY: features guaranteed; each load reads channels j..j+8 < d8 <= d of a row
+            // of d, each store panel[(j+c)·P + g ..+8] with j + c < d and g + 8 <= P.
+            unsafe {
+                let mut v = [_mm256_setzero_ps(); EPR];
+                for (x, r) in v.iter_mut().zip(block) {
+                    *x = load_f16x8(r.as_ptr().add(j));
+                }
+                let t = transpose8(v);
+                for (c, x) in t.iter().enumerate() {
+                    _mm256_storeu_ps(pp.add((j + c) * QK_PANEL + g), *x);
+                }
+            }
+        }
+        scalar::pack_keys_f16_cols_at(block, g, d8, panel);
+    }
+    scalar::pack_keys_f16_cols_at(&rows[full..], full, 0, panel);
+}
+
+/// The 8×8 transpose of eight rows of eight floats: `out[c]` holds lane `c` of every row.
+#[inline(always)]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    // SAFETY: register shuffles only; AVX is enabled in the entry this is inlined into.
+    #[allow(unused_unsafe)]
+    unsafe {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+}
+
+/// `acc += softmax(kq_scale·logit + bias)`: the scalar table's code, compiled here with AVX2,
+/// where each pass runs eight lanes per instruction; the same bits (no contraction to FMA).
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn softmax_acc_avx2(
+    logit: &mut [f32],
+    kq_scale: f32,
+    bias: Option<&[f32]>,
+    acc: &mut [f32],
+) {
+    scalar::softmax_acc_body(logit, kq_scale, bias, acc);
 }
 
 /// Σ a·b over f16 bit patterns, each widened exactly, accumulated in f32.

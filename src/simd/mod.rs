@@ -20,6 +20,9 @@ pub(crate) mod avx2;
 pub(crate) mod neon;
 pub(crate) mod scalar;
 
+/// `(logit, kq_scale, bias, acc)`, see [`Kernels::softmax_acc`].
+type SoftmaxAcc = unsafe fn(&mut [f32], f32, Option<&[f32]>, &mut [f32]);
+
 /// Function pointers of one implementation. The pointers are `unsafe fn` because the ISA
 /// versions carry `#[target_feature]`; a table is only constructed after its features were
 /// detected, which is what makes the safe wrappers below sound.
@@ -28,6 +31,8 @@ pub struct Kernels {
     pub name: &'static str,
     dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
     qk_t_f32: unsafe fn(&[f32], usize, &[f32], &mut [f32]),
+    pack_keys_f16: unsafe fn(&[&[u16]], &mut [f32]),
+    softmax_acc: SoftmaxAcc,
     dot_f16: unsafe fn(&[u16], &[u16]) -> f32,
     sqdist_f32: unsafe fn(&[f32], &[f32]) -> f32,
     axpy_f32: unsafe fn(&mut [f32], f32, &[f32]),
@@ -44,6 +49,8 @@ impl Kernels {
             name: "scalar",
             dot_f32: scalar::dot_f32_scalar,
             qk_t_f32: scalar::qk_t_f32_scalar,
+            pack_keys_f16: scalar::pack_keys_f16_scalar,
+            softmax_acc: scalar::softmax_acc_scalar,
             dot_f16: scalar::dot_f16_scalar,
             sqdist_f32: scalar::sqdist_f32_scalar,
             axpy_f32: scalar::axpy_f32_scalar,
@@ -109,6 +116,42 @@ impl Kernels {
         );
         // SAFETY: as in `dot_f32`; the shapes were checked above.
         unsafe { (self.qk_t_f32)(q, d, kt, out) }
+    }
+
+    /// Up to [`QK_PANEL`] keys given as f16 bit patterns (`d = panel.len() / QK_PANEL`
+    /// channels each), widened exactly, into one panel of the layout [`Self::qk_t_f32`] reads:
+    /// channel `j` of `rows[i]` at `panel[j·QK_PANEL + i]`. Columns past `rows.len()` are left
+    /// as they were. Every table gives the same bits.
+    #[inline]
+    pub fn pack_keys_f16(&self, rows: &[&[u16]], panel: &mut [f32]) {
+        assert!(
+            rows.len() <= QK_PANEL && panel.len() % QK_PANEL == 0,
+            "more than QK_PANEL rows, or a panel that is not QK_PANEL columns wide"
+        );
+        let d = panel.len() / QK_PANEL;
+        assert!(
+            rows.iter().all(|r| r.len() == d),
+            "a row is not d = {d} wide"
+        );
+        // SAFETY: as in `dot_f32`; the shapes were checked above.
+        unsafe { (self.pack_keys_f16)(rows, panel) }
+    }
+
+    /// `acc[i] += softmax(kq_scale·logit + bias)[i]`, `logit` overwritten. NaN logits count as
+    /// masked (−∞); a row with no finite logit adds nothing (it is no evidence). `e^x` has a
+    /// relative error below 4e-7; every table gives the same bits.
+    #[inline]
+    pub fn softmax_acc(
+        &self,
+        logit: &mut [f32],
+        kq_scale: f32,
+        bias: Option<&[f32]>,
+        acc: &mut [f32],
+    ) {
+        assert_eq!(logit.len(), acc.len());
+        assert!(bias.is_none_or(|b| b.len() == logit.len()));
+        // SAFETY: as in `dot_f32`.
+        unsafe { (self.softmax_acc)(logit, kq_scale, bias, acc) }
     }
 
     /// Σ a·b over f16 bit patterns, accumulated in f32.

@@ -41,6 +41,8 @@ pub(crate) fn table() -> Option<&'static Kernels> {
         name: "neon",
         dot_f32: dot_f32_neon,
         qk_t_f32: qk_t_f32_neon,
+        pack_keys_f16: pack_keys_f16_neon,
+        softmax_acc: softmax_acc_neon,
         dot_f16: dot_f16_neon,
         sqdist_f32: sqdist_f32_neon,
         axpy_f32: axpy_f32_neon,
@@ -84,6 +86,32 @@ unsafe fn f32_to_f16x4(x: float32x4_t) -> uint16x4_t {
              options(pure, nomem, nostack, preserves_flags));
     }
     r
+}
+
+/// The low 64-bit halves of `a` and `b`, as one vector of four f32.
+#[inline(always)]
+#[allow(unused_unsafe)]
+fn trn1_f64(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+    // SAFETY: register shuffles only; NEON is enabled on every aarch64 target.
+    unsafe {
+        vreinterpretq_f32_f64(vtrn1q_f64(
+            vreinterpretq_f64_f32(a),
+            vreinterpretq_f64_f32(b),
+        ))
+    }
+}
+
+/// The high 64-bit halves of `a` and `b`, as one vector of four f32.
+#[inline(always)]
+#[allow(unused_unsafe)]
+fn trn2_f64(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+    // SAFETY: as in `trn1_f64`.
+    unsafe {
+        vreinterpretq_f32_f64(vtrn2q_f64(
+            vreinterpretq_f64_f32(a),
+            vreinterpretq_f64_f32(b),
+        ))
+    }
 }
 
 /// The fixed-order reduction of the accumulators, see the module comment.
@@ -264,6 +292,63 @@ pub(crate) unsafe fn qk_t_f32_neon(q: &[f32], d: usize, kt: &[f32], out: &mut [f
             }
         }
     }
+}
+
+/// f16 keys into one panel (see `pack_keys_f16_scalar`), bit-identical to it: blocks of 4
+/// rows × 4 channels are widened by `fcvtl` (exact) and transposed in registers, so each
+/// store writes 4 keys of one channel; the leftovers go through the scalar code.
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn pack_keys_f16_neon(rows: &[&[u16]], panel: &mut [f32]) {
+    // rows.len() <= QK_PANEL and every row holds d = panel.len() / QK_PANEL channels: the
+    // table's wrapper checked.
+    let d = panel.len() / QK_PANEL;
+    let d4 = d & !(EPR - 1);
+    let full = rows.len() & !(EPR - 1);
+    let pp = panel.as_mut_ptr();
+    for g in (0..full).step_by(EPR) {
+        let block = &rows[g..g + EPR];
+        for j in (0..d4).step_by(EPR) {
+            // SAFETY: each load reads channels j..j+4 < d4 <= d of a row of d, each store
+            // panel[(j+c)·P + g ..+4] with j + c < d and g + 4 <= P.
+            unsafe {
+                let r0 = load_f16x4(block[0].as_ptr().add(j));
+                let r1 = load_f16x4(block[1].as_ptr().add(j));
+                let r2 = load_f16x4(block[2].as_ptr().add(j));
+                let r3 = load_f16x4(block[3].as_ptr().add(j));
+                // 2×2 blocks of pairs, then pairs of 64-bit halves: the 4×4 transpose
+                let t0 = vtrn1q_f32(r0, r1);
+                let t1 = vtrn2q_f32(r0, r1);
+                let t2 = vtrn1q_f32(r2, r3);
+                let t3 = vtrn2q_f32(r2, r3);
+                let (c0, c1) = (trn1_f64(t0, t2), trn1_f64(t1, t3));
+                let (c2, c3) = (trn2_f64(t0, t2), trn2_f64(t1, t3));
+                vst1q_f32(pp.add(j * QK_PANEL + g), c0);
+                vst1q_f32(pp.add((j + 1) * QK_PANEL + g), c1);
+                vst1q_f32(pp.add((j + 2) * QK_PANEL + g), c2);
+                vst1q_f32(pp.add((j + 3) * QK_PANEL + g), c3);
+            }
+        }
+        scalar::pack_keys_f16_cols_at(block, g, d4, panel);
+    }
+    scalar::pack_keys_f16_cols_at(&rows[full..], full, 0, panel);
+}
+
+/// `acc += softmax(kq_scale·logit + bias)`: the scalar table's code, here compiled for NEON,
+/// four lanes per instruction; the same bits (no contraction to FMA).
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn softmax_acc_neon(
+    logit: &mut [f32],
+    kq_scale: f32,
+    bias: Option<&[f32]>,
+    acc: &mut [f32],
+) {
+    scalar::softmax_acc_body(logit, kq_scale, bias, acc);
 }
 
 /// Σ a·b over f16 bit patterns, each widened exactly, accumulated in f32.

@@ -31,6 +31,123 @@ pub(crate) unsafe fn qk_t_f32_scalar(q: &[f32], d: usize, kt: &[f32], out: &mut 
     }
 }
 
+/// Keys as f16 bit patterns, widened exactly, into one panel of the layout
+/// [`Kernels::qk_t_f32`](super::Kernels::qk_t_f32) reads: channel `j` of row `i` goes to
+/// `panel[j·QK_PANEL + i]`. Columns past `rows.len()` (a last panel's padding) are left as
+/// they were.
+pub(crate) unsafe fn pack_keys_f16_scalar(rows: &[&[u16]], panel: &mut [f32]) {
+    pack_keys_f16_cols_at(rows, 0, 0, panel);
+}
+
+/// [`pack_keys_f16_scalar`] for `rows` placed from panel column `i0` on, channels `j0..`:
+/// the ISA kernels' leftovers.
+#[inline(always)]
+pub(crate) fn pack_keys_f16_cols_at(rows: &[&[u16]], i0: usize, j0: usize, panel: &mut [f32]) {
+    for (i, r) in rows.iter().enumerate() {
+        for (j, &h) in r.iter().enumerate().skip(j0) {
+            panel[j * QK_PANEL + i0 + i] = f16::from_bits(h).to_f32();
+        }
+    }
+}
+
+/// `acc += softmax(kq_scale·logit + bias)`; `logit` is overwritten.
+pub(crate) unsafe fn softmax_acc_scalar(
+    logit: &mut [f32],
+    kq_scale: f32,
+    bias: Option<&[f32]>,
+    acc: &mut [f32],
+) {
+    softmax_acc_body(logit, kq_scale, bias, acc);
+}
+
+/// Lanes of the partial maxima and sums in [`softmax_acc_body`]: a fixed split the compiler
+/// turns into vector registers of any width, the same on every machine.
+const LANES: usize = 8;
+
+/// The softmax of [`Kernels::softmax_acc`](super::Kernels::softmax_acc), shared by every
+/// table: the ISA entries inline it under their `#[target_feature]`, where the compiler
+/// vectorizes each pass to the full register width. It uses no fused multiply-add, so the
+/// wider code computes the same bits as the scalar build.
+///
+/// Separate passes, none with a serial dependency (maxima and sums in LANES partial lanes
+/// combined in a fixed order). A NaN logit counts as masked (−∞), so one broken entry does
+/// not poison the row; a row with nothing finite adds nothing.
+#[inline(always)]
+pub(crate) fn softmax_acc_body(
+    logit: &mut [f32],
+    kq_scale: f32,
+    bias: Option<&[f32]>,
+    acc: &mut [f32],
+) {
+    let unmask = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l };
+    match bias {
+        Some(b) => logit
+            .iter_mut()
+            .zip(b)
+            .for_each(|(l, b)| *l = unmask(kq_scale * *l + b)),
+        None => logit.iter_mut().for_each(|l| *l = unmask(*l * kq_scale)),
+    }
+    let mx = lane_fold(logit, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+    if !mx.is_finite() {
+        return;
+    }
+    logit.iter_mut().for_each(|x| *x = exp_approx(*x - mx));
+    let sum = lane_fold(logit, 0.0, |s, x| s + x);
+    let inv = 1.0 / sum;
+    for (a, x) in acc.iter_mut().zip(logit.iter()) {
+        *a += x * inv;
+    }
+}
+
+/// `f` folded over `x` in LANES interleaved partial results, then over the lanes in order and
+/// the tail: a fixed order that needs no reassociation to vectorize.
+#[inline(always)]
+fn lane_fold(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = f(*l, v);
+        }
+    }
+    let r = lanes.into_iter().fold(init, &f);
+    tail.iter().fold(r, |r, &v| f(r, v))
+}
+
+/// `e^x` for `x <= 0` (softmax after subtracting the maximum), relative error below 2e-7,
+/// 0 for `x <= -87` and for −∞, NaN for NaN. Only selects, bit operations and plain
+/// arithmetic, so loops that call it vectorize; libm's `expf` was most of the scoring time.
+#[inline(always)]
+pub(crate) fn exp_approx(x: f32) -> f32 {
+    // NaN fails the comparison too; it is given back as NaN at the end.
+    let xc = if x > -87.0 { x } else { -87.0 };
+    // x = n·ln2 + r, |r| <= ln2/2, with ln2 split in two for the reduction. Adding 1.5·2²³
+    // rounds x·log2(e) to an integer n (exact for |n| < 2²²) and leaves n in the low mantissa
+    // bits: no float-to-int conversion, which would keep the loop scalar.
+    const MAGIC: f32 = 12_582_912.0;
+    let nm = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = nm - MAGIC;
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    // e^r by its Taylor/minimax polynomial (Cephes expf coefficients).
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5e-1;
+    let e = p * r * r + r + 1.0;
+    // 2^n through the exponent bits: nm's bits are 0x4B40_0000 + n, and n is in [-126, 0].
+    let scale = f32::from_bits(((nm.to_bits() as i32 - 0x4B40_0000 + 127) << 23) as u32);
+    if x > -87.0 {
+        e * scale
+    } else if x.is_nan() {
+        f32::NAN
+    } else {
+        0.0
+    }
+}
+
 /// Σ a·b over f16 bit patterns, each widened exactly to f32.
 pub(crate) unsafe fn dot_f16_scalar(a: &[u16], b: &[u16]) -> f32 {
     a.iter().zip(b).fold(0.0f32, |s, (x, y)| {
@@ -89,4 +206,27 @@ pub(crate) fn f32_to_bf16_one(x: f32) -> u16 {
         return ((u >> 16) | 64) as u16;
     }
     ((u + (0x7fff + ((u >> 16) & 1))) >> 16) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_approx;
+
+    #[test]
+    fn exp_approx_matches_libm() {
+        let mut worst = 0f64;
+        let mut x = -86.9f32;
+        while x <= 0.0 {
+            let want = (x as f64).exp();
+            let got = exp_approx(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+        assert_eq!(exp_approx(0.0), 1.0);
+        assert_eq!(exp_approx(-87.0), 0.0);
+        assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_approx(-1000.0), 0.0);
+        assert!(exp_approx(f32::NAN).is_nan());
+    }
 }
