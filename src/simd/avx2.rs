@@ -26,7 +26,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::{scalar, Kernels, QK_PANEL};
+use super::{scalar, Kernels, QkAt, QK_PANEL};
 
 /// Elements per loop step (ggml `GGML_F32_STEP`).
 const STEP: usize = 32;
@@ -162,22 +162,13 @@ pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// reduced horizontally.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; rows `r0..r0+MQ` of `q` (`d` wide) exist, `panel` is one whole panel
-/// (`QK_PANEL·d` floats), `ko + NV·8 <= QK_PANEL` and `out` has the cells
+/// The CPU supports AVX2 and FMA; rows `r0..r0+MQ` of `q` (`d` wide) exist, `panel` is one
+/// whole panel (`QK_PANEL·d` floats), `ko + NV·8 <= QK_PANEL` and `out` has the cells
 /// `(r0+a)·n + i0 + ko ..+NV·8`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn qk_block<const MQ: usize, const NV: usize>(
-    q: &[f32],
-    d: usize,
-    panel: &[f32],
-    out: &mut [f32],
-    n: usize,
-    r0: usize,
-    i0: usize,
-    ko: usize,
-) {
-    let (pq, pk, po) = (q.as_ptr(), panel.as_ptr(), out.as_mut_ptr());
+unsafe fn qk_block<const MQ: usize, const NV: usize>(at: QkAt, out: &mut [f32]) {
+    let (d, n, r0, i0, ko) = (at.d, at.n, at.r0, at.i0, at.ko);
+    let (pq, pk, po) = (at.q.as_ptr(), at.panel.as_ptr(), out.as_mut_ptr());
     // SAFETY: features by the caller; every load reads panel[j·P + ko + v·8 ..+8] with
     // ko + NV·8 <= P, every q read one float of rows r0..r0+MQ, every store 8 floats of
     // out inside the caller's bounds; unaligned loads and stores are fine.
@@ -203,59 +194,18 @@ unsafe fn qk_block<const MQ: usize, const NV: usize>(
     }
 }
 
+qk_blocks!(Avx2, 2);
+
 /// Queries against keys packed in panels (see [`Kernels::qk_t_f32`](super::Kernels::qk_t_f32)),
 /// bit-identical to `qk_t_f32_scalar`: each lane runs the scalar's fused chain over the
-/// channels. One panel (16 keys, `16·d` contiguous floats) at a time goes through every query
-/// row, 4 rows per pass, while it sits in L1.
+/// channels. The loop is the shared [`super::qk_t_driver`] around this ISA's blocks.
 ///
 /// # Safety
 /// The CPU supports AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn qk_t_f32_avx2(q: &[f32], d: usize, kt: &[f32], out: &mut [f32]) {
-    // `d`, `m` and `n` are non-zero and `kt` holds every panel: the table's wrapper checked.
-    let m = q.len() / d;
-    let n = out.len() / m;
-    for (p, panel) in kt
-        .chunks_exact(QK_PANEL * d)
-        .take(n.div_ceil(QK_PANEL))
-        .enumerate()
-    {
-        let i0 = p * QK_PANEL;
-        let w = (n - i0).min(QK_PANEL);
-        let mut ko = 0;
-        // SAFETY (each block): features guaranteed; r + MQ <= m and ko + NV·EPR <= w <= P.
-        macro_rules! rows {
-            ($nv:literal) => {
-                let mut r = 0;
-                while r + 4 <= m {
-                    // SAFETY: see above.
-                    unsafe { qk_block::<4, $nv>(q, d, panel, out, n, r, i0, ko) };
-                    r += 4;
-                }
-                for r in r..m {
-                    // SAFETY: see above.
-                    unsafe { qk_block::<1, $nv>(q, d, panel, out, n, r, i0, ko) };
-                }
-                ko += $nv * EPR;
-            };
-        }
-        if w == QK_PANEL {
-            rows!(2);
-        }
-        while ko + EPR <= w {
-            rows!(1);
-        }
-        // the last panel's leftover keys: the same chain, one at a time
-        for r in 0..m {
-            for c in ko..w {
-                let mut s = 0f32;
-                for j in 0..d {
-                    s = q[r * d + j].mul_add(panel[j * QK_PANEL + c], s);
-                }
-                out[r * n + i0 + c] = s;
-            }
-        }
-    }
+    // SAFETY: features enabled here; the table's wrapper checked the shapes.
+    unsafe { super::qk_t_driver::<Avx2>(q, d, kt, out) }
 }
 
 /// f16 keys into one panel (see `pack_keys_f16_scalar`), bit-identical to it: blocks of 8
