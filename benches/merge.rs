@@ -229,10 +229,10 @@ fn report(s: &'static Shape, c: &mut Criterion) {
     );
 
     // Attention for pivots as the llama.cpp patch computes it: the recent queries of its ring
-    // (8 by default, LLAMA_KV_MERGE_QWIN) per layer, GQA 3:1, scored against the window at
+    // (4 by default, LLAMA_KV_MERGE_QWIN) per layer, GQA 3:1, scored against the window at
     // every merge event; over this shape's cells and over the 1020-cell window of a 50 %
     // event in the short evaluation (2048-token window, 1024 cells).
-    let (n_q, group) = (8usize, 3usize);
+    let (n_q, group) = (4usize, 3usize);
     let n_head_q = s.n_head * group;
     let q: Vec<f32> = (0..n_q * n_head_q * s.d)
         .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)

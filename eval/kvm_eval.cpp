@@ -696,7 +696,7 @@ static int prefix_point(int n_total, int C, const Opts & o) {
         return 0; // never compresses
     }
     const char * qw = getenv("LLAMA_KV_MERGE_QWIN");
-    const int qwin = qw ? std::max(0, atoi(qw)) : 8; // the patch's default ring
+    const int qwin = qw ? std::max(0, atoi(qw)) : 4; // the patch's default ring
     const int k = std::max(1, (qwin + o.B - 1) / o.B);
     return std::max(0, i0 - k * o.B);
 }
