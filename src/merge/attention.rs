@@ -9,8 +9,8 @@
 //! * Nothing: planning then falls back to the query-free pivot (nearest the mean key) and to
 //!   oldest-first eviction where a method needs an order.
 //!
-//! Work is split over (KV head, block of query rows) or over cells (softmax rows); partial
-//! sums are added in a fixed order, so the result does not depend on the thread count.
+//! Work is split over (layer, KV head) or over cells (softmax rows); partial sums are added in
+//! a fixed order, so the result does not depend on the thread count.
 
 use rayon::prelude::*;
 

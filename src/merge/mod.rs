@@ -53,9 +53,10 @@ pub enum Sigma {
     Adaptive,
     /// A fixed σ, for ablations.
     Fixed(f32),
-    /// No kernel: members weighted by their accumulated attention (times their counts), so a
-    /// member the queries ignore barely changes the survivor (it is all but evicted) and one
-    /// they attend to keeps its share. Without attention, as `Adaptive`.
+    /// No kernel: members weighted by their accumulated attention (not times their counts: a
+    /// merged cell's attention already counts the tokens it stands for), so a member the
+    /// queries ignore barely changes the survivor (it is all but evicted) and one they attend
+    /// to keeps its share. Without attention, or none on the pivot, as `Adaptive`.
     Attention,
 }
 

@@ -208,39 +208,38 @@ pub(crate) unsafe fn qk_t_f32_avx2(q: &[f32], d: usize, kt: &[f32], out: &mut [f
     unsafe { super::qk_t_driver::<Avx2>(q, d, kt, out) }
 }
 
-/// f16 keys into one panel (see `pack_keys_f16_scalar`), bit-identical to it: blocks of 8
-/// rows × 8 channels are widened by F16C (exact, like `half`) and transposed in registers, so
-/// each store writes 8 keys of one channel; the leftovers go through the scalar code.
+/// Eight rows × eight channels: widened by F16C (exact, like `half`) and transposed in
+/// registers, so each store writes 8 keys of one channel.
+struct PackAvx2;
+
+impl super::PackBlock for PackAvx2 {
+    const W: usize = EPR;
+    #[inline(always)]
+    unsafe fn block(block: &[&[u16]], j: usize, panel: &mut [f32], g: usize) {
+        let pp = panel.as_mut_ptr();
+        // SAFETY: features by the caller; each load reads channels j..j+8 of a row that holds
+        // them, each store panel[(j+c)·P + g ..+8] with g + 8 <= P, inside the panel.
+        unsafe {
+            let mut v = [_mm256_setzero_ps(); EPR];
+            for (x, r) in v.iter_mut().zip(block) {
+                *x = load_f16x8(r.as_ptr().add(j));
+            }
+            for (c, x) in transpose8(v).iter().enumerate() {
+                _mm256_storeu_ps(pp.add((j + c) * QK_PANEL + g), *x);
+            }
+        }
+    }
+}
+
+/// f16 keys into one panel (see `pack_keys_f16_scalar`), bit-identical to it: the shared
+/// [`super::pack_keys_f16_driver`] around 8×8 register blocks.
 ///
 /// # Safety
 /// The CPU supports AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn pack_keys_f16_avx2(rows: &[&[u16]], panel: &mut [f32]) {
-    // rows.len() <= QK_PANEL and every row holds d = panel.len() / QK_PANEL channels: the
-    // table's wrapper checked.
-    let d = panel.len() / QK_PANEL;
-    let d8 = d & !(EPR - 1);
-    let full = rows.len() & !(EPR - 1);
-    let pp = panel.as_mut_ptr();
-    for g in (0..full).step_by(EPR) {
-        let block = &rows[g..g + EPR];
-        for j in (0..d8).step_by(EPR) {
-            // SAFETY: features guaranteed; each load reads channels j..j+8 < d8 <= d of a row
-            // of d, each store panel[(j+c)·P + g ..+8] with j + c < d and g + 8 <= P.
-            unsafe {
-                let mut v = [_mm256_setzero_ps(); EPR];
-                for (x, r) in v.iter_mut().zip(block) {
-                    *x = load_f16x8(r.as_ptr().add(j));
-                }
-                let t = transpose8(v);
-                for (c, x) in t.iter().enumerate() {
-                    _mm256_storeu_ps(pp.add((j + c) * QK_PANEL + g), *x);
-                }
-            }
-        }
-        scalar::pack_keys_f16_cols_at(block, g, d8, panel);
-    }
-    scalar::pack_keys_f16_cols_at(&rows[full..], full, 0, panel);
+    // SAFETY: features enabled here; the table's wrapper checked the shapes.
+    unsafe { super::pack_keys_f16_driver::<PackAvx2>(rows, panel) }
 }
 
 /// The 8×8 transpose of eight rows of eight floats: `out[c]` holds lane `c` of every row.

@@ -136,6 +136,43 @@ pub(crate) unsafe fn qk_t_driver<B: QkBlocks>(q: &[f32], d: usize, kt: &[f32], o
     }
 }
 
+/// The register block of one ISA's `pack_keys_f16`, for the shared [`pack_keys_f16_driver`].
+pub(crate) trait PackBlock {
+    /// Rows and channels per block (the block is square).
+    const W: usize;
+    /// Channels `j..j+W` of the `W` rows of `block`, widened and transposed into panel columns
+    /// `g..g+W` (`panel[(j+c)·QK_PANEL + g + i]`).
+    ///
+    /// # Safety
+    /// The ISA's features are enabled; `block` has `W` rows of at least `j + W` channels,
+    /// `g + W <= QK_PANEL` and `panel` holds channel `j + W - 1`'s row of the panel.
+    unsafe fn block(block: &[&[u16]], j: usize, panel: &mut [f32], g: usize);
+}
+
+/// The loop of every ISA's `pack_keys_f16` around its block: whole `W × W` blocks of rows and
+/// channels in registers, the leftover channels and rows with the scalar code. Inlined into
+/// each entry, so it is compiled with the entry's features.
+///
+/// # Safety
+/// `B`'s features are enabled; `rows.len() <= QK_PANEL` and every row holds
+/// `panel.len() / QK_PANEL` channels (the table's wrapper checked).
+#[inline(always)]
+pub(crate) unsafe fn pack_keys_f16_driver<B: PackBlock>(rows: &[&[u16]], panel: &mut [f32]) {
+    let d = panel.len() / QK_PANEL;
+    let dw = d - d % B::W;
+    let full = rows.len() - rows.len() % B::W;
+    for g in (0..full).step_by(B::W) {
+        let block = &rows[g..g + B::W];
+        for j in (0..dw).step_by(B::W) {
+            // SAFETY: features by the caller; j + W <= dw <= d channels per row, g + W <= full
+            // <= QK_PANEL.
+            unsafe { B::block(block, j, panel, g) };
+        }
+        scalar::pack_keys_f16_cols_at(block, g, dw, panel);
+    }
+    scalar::pack_keys_f16_cols_at(&rows[full..], full, 0, panel);
+}
+
 /// `(logit, kq_scale, bias, acc)`, see [`Kernels::softmax_acc`].
 type SoftmaxAcc = unsafe fn(&mut [f32], f32, Option<&[f32]>, &mut [f32]);
 

@@ -244,46 +244,49 @@ pub(crate) unsafe fn qk_t_f32_neon(q: &[f32], d: usize, kt: &[f32], out: &mut [f
     unsafe { super::qk_t_driver::<Neon>(q, d, kt, out) }
 }
 
-/// f16 keys into one panel (see `pack_keys_f16_scalar`), bit-identical to it: blocks of 4
-/// rows × 4 channels are widened by `fcvtl` (exact) and transposed in registers, so each
-/// store writes 4 keys of one channel; the leftovers go through the scalar code.
+/// Four rows × four channels: widened by `fcvtl` (exact) and transposed in registers, so each
+/// store writes 4 keys of one channel.
+struct PackNeon;
+
+impl super::PackBlock for PackNeon {
+    const W: usize = EPR;
+    #[inline(always)]
+    unsafe fn block(block: &[&[u16]], j: usize, panel: &mut [f32], g: usize) {
+        let pp = panel.as_mut_ptr();
+        // SAFETY: each load reads channels j..j+4 of a row that holds them, each store
+        // panel[(j+c)·P + g ..+4] with g + 4 <= P, inside the panel.
+        unsafe {
+            let r0 = load_f16x4(block[0].as_ptr().add(j));
+            let r1 = load_f16x4(block[1].as_ptr().add(j));
+            let r2 = load_f16x4(block[2].as_ptr().add(j));
+            let r3 = load_f16x4(block[3].as_ptr().add(j));
+            // 2×2 blocks of pairs, then pairs of 64-bit halves: the 4×4 transpose
+            let t0 = vtrn1q_f32(r0, r1);
+            let t1 = vtrn2q_f32(r0, r1);
+            let t2 = vtrn1q_f32(r2, r3);
+            let t3 = vtrn2q_f32(r2, r3);
+            let cols = [
+                trn1_f64(t0, t2),
+                trn1_f64(t1, t3),
+                trn2_f64(t0, t2),
+                trn2_f64(t1, t3),
+            ];
+            for (c, x) in cols.iter().enumerate() {
+                vst1q_f32(pp.add((j + c) * QK_PANEL + g), *x);
+            }
+        }
+    }
+}
+
+/// f16 keys into one panel (see `pack_keys_f16_scalar`), bit-identical to it: the shared
+/// [`super::pack_keys_f16_driver`] around 4×4 register blocks.
 ///
 /// # Safety
 /// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
 #[target_feature(enable = "neon")]
 pub(crate) unsafe fn pack_keys_f16_neon(rows: &[&[u16]], panel: &mut [f32]) {
-    // rows.len() <= QK_PANEL and every row holds d = panel.len() / QK_PANEL channels: the
-    // table's wrapper checked.
-    let d = panel.len() / QK_PANEL;
-    let d4 = d & !(EPR - 1);
-    let full = rows.len() & !(EPR - 1);
-    let pp = panel.as_mut_ptr();
-    for g in (0..full).step_by(EPR) {
-        let block = &rows[g..g + EPR];
-        for j in (0..d4).step_by(EPR) {
-            // SAFETY: each load reads channels j..j+4 < d4 <= d of a row of d, each store
-            // panel[(j+c)·P + g ..+4] with j + c < d and g + 4 <= P.
-            unsafe {
-                let r0 = load_f16x4(block[0].as_ptr().add(j));
-                let r1 = load_f16x4(block[1].as_ptr().add(j));
-                let r2 = load_f16x4(block[2].as_ptr().add(j));
-                let r3 = load_f16x4(block[3].as_ptr().add(j));
-                // 2×2 blocks of pairs, then pairs of 64-bit halves: the 4×4 transpose
-                let t0 = vtrn1q_f32(r0, r1);
-                let t1 = vtrn2q_f32(r0, r1);
-                let t2 = vtrn1q_f32(r2, r3);
-                let t3 = vtrn2q_f32(r2, r3);
-                let (c0, c1) = (trn1_f64(t0, t2), trn1_f64(t1, t3));
-                let (c2, c3) = (trn2_f64(t0, t2), trn2_f64(t1, t3));
-                vst1q_f32(pp.add(j * QK_PANEL + g), c0);
-                vst1q_f32(pp.add((j + 1) * QK_PANEL + g), c1);
-                vst1q_f32(pp.add((j + 2) * QK_PANEL + g), c2);
-                vst1q_f32(pp.add((j + 3) * QK_PANEL + g), c3);
-            }
-        }
-        scalar::pack_keys_f16_cols_at(block, g, d4, panel);
-    }
-    scalar::pack_keys_f16_cols_at(&rows[full..], full, 0, panel);
+    // SAFETY: NEON enabled here; the table's wrapper checked the shapes.
+    unsafe { super::pack_keys_f16_driver::<PackNeon>(rows, panel) }
 }
 
 /// `acc += softmax(kq_scale·logit + bias)`: the scalar table's code, here compiled for NEON,

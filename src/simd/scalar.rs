@@ -115,7 +115,7 @@ fn lane_fold(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     tail.iter().fold(r, |r, &v| f(r, v))
 }
 
-/// `e^x` for `x <= 0` (softmax after subtracting the maximum), relative error below 2e-7,
+/// `e^x` for `x <= 0` (softmax after subtracting the maximum), relative error below 4e-7,
 /// 0 for `x <= -87` and for −∞, NaN for NaN. Only selects, bit operations and plain
 /// arithmetic, so loops that call it vectorize; libm's `expf` was most of the scoring time.
 #[inline(always)]
