@@ -214,6 +214,11 @@ struct Opts {
     int  qa_gen = 6;
     int  qa_texts = 1;        // how many of the texts serve as haystack
     bool verbose = false;
+    // calibration profile for the methods that use one: a file, or made at start from calib_text
+    std::string calib;
+    std::string calib_text;
+    int  calib_W = 4096;      // tokens of calib_text in the cache when the profile is taken
+    bool make_calib_only = false;
 };
 
 static std::vector<double> parse_doubles(const std::string & s) {
@@ -251,6 +256,11 @@ static void usage() {
         "  --qa-trials N          haystacks per text (default 1; --full 3)\n"
         "  --pk-texts N, --qa-texts N   how many texts serve as haystacks (default 1; --full 2)\n"
         "  --gen-bench N          tokens generated to time decoding (default 16)\n"
+        "  --calib FILE           calibration profile for the *_calib methods\n"
+        "  --calib-text PATH      make that profile first, from the first --calib-window tokens of PATH (a text\n"
+        "                         the PPL task does not score); written to OUT/calib.profile unless --calib is given\n"
+        "  --calib-window N       tokens in the cache when the profile is taken (default 4096)\n"
+        "  --make-calib           only write the profile of --calib-text (to --calib, or OUT/calib.profile) and exit\n"
         "  --list                 print the method table and exit\n"
         "  -v                     llama.cpp log\n");
 }
@@ -270,6 +280,7 @@ struct Method {
     // knobs llama_kv_merge_params lacks (sigma, age bias, set size): set on a whole kvm_params
     // built from p, handed to the patch through llama_kv_merge_params.kvm_params
     std::function<void(kvm_params &)> kvm_set;
+    bool calib = false;       // link scores through the calibration profile (--calib or --calib-text)
 };
 
 static std::vector<Method> make_methods(int threads) {
@@ -307,10 +318,12 @@ static std::vector<Method> make_methods(int threads) {
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.sim_floor = 0.75f; p.value_mode = LLAMA_KV_MERGE_VALUE_PAPER; });
     add("kvmerger", "main", "KVMerger, our reading: exact budget by link score, convex weights, no floor",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
-    // picked from a PPL-only sweep of age_bias x max_set, floors, heavy hitters, attention weights
-    // and EVICT_FOLD (results/README.md, "how best was chosen"), on the same two texts
-    add("best", "main", "our best merging configuration so far: kvmerger, age-aware link scores (age_bias 1), sets of at most 2",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
+    // age_bias x max_set picked from a PPL-only sweep of age_bias x max_set, floors, heavy hitters,
+    // attention weights and EVICT_FOLD on window 0 of the two texts (results/explore-c8); then
+    // query-free, because dropping the query scoring gave the same perplexity over three windows
+    // of three texts at two thirds of the cost (results/best-queryfree)
+    add("best", "main", "our best merging configuration so far: kvmerger, age-aware link scores (age_bias 1), sets of at most 2, query-free pivots, no heavy hitters",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; });
     ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
     add("abl_prev_best", "ablation", "the previous best: kvmerger, heavy 20%, floor 0.90, logbias, recent = capacity/8",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.heavy_frac = 0.20f; p.sim_floor = 0.90f;
@@ -334,8 +347,18 @@ static std::vector<Method> make_methods(int threads) {
         [](auto & p) { p.merge_keys = false; });
     add("abl_pivot_only", "ablation", "kvmerger sets, keep only the pivot (no averaging)",
         [](auto & p) { p.merge_keys = false; p.merge_values = false; });
-    add("abl_calib", "ablation", "kvmerger with a calibration profile for link scores",
-        nullptr, "needs a calibration-profile path in llama_kv_merge_params (kvm_ctx_set_calib)");
+    // the profile comes from a text the PPL task does not score (--calib-text), see make_calib
+    add("abl_calib", "ablation", "kvmerger, link scores through a calibration profile (per-layer standardized cosine)",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
+    ms.back().calib = true;
+    add("abl_best_calib", "ablation", "abl_best_attn (age_bias 1, sets of at most 2, attention), link scores through a calibration profile",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
+    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
+    ms.back().calib = true;
+    // the previous best: the same with the query ring (attention pivots, 5 % heavy hitters)
+    add("abl_best_attn", "ablation", "best with attention from the query ring: pivots by attention, 5% heavy hitters (best until the query-free one)",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
+    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
     add("abl_age_bias", "ablation", "kvmerger, age-aware link scores (age_bias 0.2)", nullptr);
     ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 0.2f; };
     add("abl_max_set4", "ablation", "kvmerger, merging sets of at most 4 cells", nullptr);
@@ -509,6 +532,9 @@ struct Feeder {
         }
         if (m.kvm_set) {
             use_kvm_params();
+        }
+        if (m.calib) {
+            p.calib_path = o.calib.c_str();
         }
     }
     ~Feeder() { llama_batch_free(batch); }
@@ -799,6 +825,32 @@ static std::string normalize(const std::string & s) {
     return o;
 }
 
+// The calibration profile of the *_calib methods: the first calib_W tokens of a text the PPL task
+// does not score, in a full cache, observed by llama_memory_seq_merge_calibrate. Observation 2 of
+// the paper says the statistics belong to the model, so any long text should give about the same.
+static bool make_calib(Model & M, const Opts & o, const std::vector<Method> & methods) {
+    auto toks = tokenize(M, normalize(read_file(o.calib_text)), M.add_bos);
+    if (toks.size() > (size_t) o.calib_W) {
+        toks.resize(o.calib_W);
+    }
+    if (toks.size() < 2) {
+        fprintf(stderr, "kvm_eval: calibration text %s is too short\n", o.calib_text.c_str());
+        return false;
+    }
+    const Method * full = nullptr;
+    for (const auto & m : methods) if (m.is_full) full = &m;
+    auto g = new_ctx(M, (int) toks.size(), o.B);
+    Feeder f(M, g->c, *full, o, (int) toks.size());
+    f.feed(toks.data(), (int) toks.size(), nullptr, nullptr);
+    const int32_t n = llama_memory_seq_merge_calibrate(g->c.ctx, 0, o.calib.c_str());
+    if (n < 0) {
+        fprintf(stderr, "kvm_eval: llama_memory_seq_merge_calibrate failed (%d)\n", n);
+        return false;
+    }
+    printf("# calibration profile %s: %d adjacent pairs of %s\n", o.calib.c_str(), n, o.calib_text.c_str());
+    return true;
+}
+
 int main(int argc, char ** argv) {
     Opts o;
     bool list = false;
@@ -844,6 +896,10 @@ int main(int argc, char ** argv) {
         else if (a == "--pk-texts") o.pk_texts = atoi(next().c_str());
         else if (a == "--qa-budgets") o.qa_budgets = parse_doubles(next());
         else if (a == "--gen-bench") o.n_gen_bench = atoi(next().c_str());
+        else if (a == "--calib") o.calib = next();
+        else if (a == "--calib-text") o.calib_text = next();
+        else if (a == "--calib-window") o.calib_W = atoi(next().c_str());
+        else if (a == "--make-calib") o.make_calib_only = true;
         else if (a == "--list") list = true;
         else if (a == "-v") o.verbose = true;
         else if (a == "-h" || a == "--help") { usage(); return 0; }
@@ -867,6 +923,14 @@ int main(int argc, char ** argv) {
     g_threads = o.threads;
 
     std::vector<Method> methods = make_methods(o.threads);
+    if (o.calib.empty() && !o.calib_text.empty()) {
+        o.calib = o.out + "/calib.profile";
+    }
+    for (auto & m : methods) {
+        if (m.calib && o.calib.empty()) {
+            m.missing = "needs a calibration profile: --calib FILE or --calib-text PATH";
+        }
+    }
     if (list) {
         for (const auto & m : methods) {
             printf("%-24s %-9s %s%s\n", m.name.c_str(), m.group.c_str(), m.desc.c_str(),
@@ -874,7 +938,7 @@ int main(int argc, char ** argv) {
         }
         return 0;
     }
-    if (o.model.empty() || o.texts.empty()) {
+    if (o.model.empty() || (o.texts.empty() && !o.make_calib_only) || (o.make_calib_only && o.calib_text.empty())) {
         usage();
         return 1;
     }
@@ -886,7 +950,8 @@ int main(int argc, char ** argv) {
     }
     auto has_task = [&](const char * t) { return std::find(o.tasks.begin(), o.tasks.end(), t) != o.tasks.end(); };
 
-    if (system(("mkdir -p '" + o.out + "'").c_str()) != 0) {
+    const bool needs_out = !o.make_calib_only || o.calib.rfind(o.out + "/", 0) == 0;
+    if (needs_out && system(("mkdir -p '" + o.out + "'").c_str()) != 0) {
         fprintf(stderr, "kvm_eval: cannot create %s\n", o.out.c_str());
         return 1;
     }
@@ -919,6 +984,15 @@ int main(int argc, char ** argv) {
         M.bytes_per_cell = 2.0 * n_layer * n_head_kv * d_head * 2 /* f16 */;
     }
 
+    bool need_calib = o.make_calib_only;
+    for (auto * m : sel) need_calib |= m->calib && m->missing.empty();
+    if (need_calib && !o.calib_text.empty() && !make_calib(M, o, methods)) {
+        return 1;
+    }
+    if (o.make_calib_only) {
+        return 0;
+    }
+
     // texts
     std::vector<std::pair<std::string, std::vector<llama_token>>> T;
     for (const auto & [name, path] : o.texts) {
@@ -949,7 +1023,7 @@ int main(int argc, char ** argv) {
             .i("method", m.is_full ? -1 : m.is_shift ? -2 : m.p.method).i("n_sink", m.p.n_sink).i("n_recent", m.p.n_recent).f("recent_frac", m.recent_frac, 3)
             .f("heavy_frac", m.p.heavy_frac, 3).f("sim_floor", m.p.sim_floor, 2).i("value_mode", m.p.value_mode)
             .i("merge_keys", m.p.merge_keys).i("merge_values", m.p.merge_values).i("use_attn", m.p.use_attn)
-            .s("missing", m.missing));
+            .i("calib", m.calib).s("missing", m.missing));
     }
     const double t_start = now_ms();
 

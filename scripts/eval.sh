@@ -52,18 +52,19 @@ MODEL="${KVM_MODEL:-$(scripts/fetch-model.sh)}"
 # 4. texts
 TXT="$OUT/texts"
 mkdir -p "$TXT"
-if [ -f /usr/share/common-licenses/GPL-3 ]; then
-    T1=gpl3
-    cp /usr/share/common-licenses/GPL-3 "$TXT/gpl3.txt"
-else
-    # not Debian: other topics of the Python reference as the second text
-    T1=pydoc2
-    python3 - "$TXT/pydoc2.txt" <<'PY'
+# other topics of the Python reference: the second text where Debian's GPL-3 text is missing,
+# and a third one for results/windows3
+python3 - "$TXT/pydoc2.txt" <<'PY'
 import sys
 import pydoc_data.topics as t
 keys = [k for k in ("string-methods", "typesseq", "formatstrings", "attribute-access", "customization") if k in t.topics]
 open(sys.argv[1], "w").write("\n\n".join(t.topics[k] for k in keys))
 PY
+if [ -f /usr/share/common-licenses/GPL-3 ]; then
+    T1=gpl3
+    cp /usr/share/common-licenses/GPL-3 "$TXT/gpl3.txt"
+else
+    T1=pydoc2
 fi
 python3 - "$TXT/pydoc.txt" <<'PY'
 # Prose of the Python language reference, as shipped with every CPython (pydoc_data/topics.py).
@@ -73,8 +74,18 @@ keys = [k for k in ("specialnames", "types", "compound", "execmodel", "datamodel
 open(sys.argv[1], "w").write("\n\n".join(t.topics[k] for k in keys))
 PY
 
+# the calibration profile of the *_calib ablations comes from other topics of the same reference,
+# a text the PPL task never scores
+python3 - "$TXT/calib.txt" <<'PY'
+import sys
+import pydoc_data.topics as t
+keys = [k for k in ("assignment", "import", "typesmapping", "comparisons", "strings", "operator-summary") if k in t.topics]
+open(sys.argv[1], "w").write("\n\n".join(t.topics[k] for k in keys))
+PY
+
 # 5. run
-ARGS=(-m "$MODEL" --text "$T1=$TXT/$T1.txt" --text "pydoc=$TXT/pydoc.txt" --out "$OUT" -t "$THREADS")
+ARGS=(-m "$MODEL" --text "$T1=$TXT/$T1.txt" --text "pydoc=$TXT/pydoc.txt" --out "$OUT" -t "$THREADS"
+      --calib-text "$TXT/calib.txt")
 [ "$MODE" = full ] && ARGS+=(--full)
 echo "eval: build/eval/kvm_eval ${ARGS[*]} ${EXTRA[*]:-}" >&2
 start=$(date +%s)

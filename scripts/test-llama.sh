@@ -3,10 +3,11 @@
 #
 # Sets up what it needs on a fresh Debian machine (cmake via apt-get if missing, scripts/build-llama.sh,
 # scripts/fetch-model.sh, g++ build of tests/llama/state_roundtrip.cpp), then runs:
-#   (a) llama-completion -c 256 --context-shift --kv-merge -n 700 (-fa on and off): merges happen, the cache
-#       never grows past its cells, the text stays text
 #   (b) tests/llama/state_roundtrip: merge counts survive llama_state_seq_get/set_data, byte-identical state,
-#       identical logits; kvm_params override; refusals (-3 on shared cells / pending K-shift, -2 bad args)
+#       identical logits; kvm_params override; refusals (-3 on shared cells / pending K-shift, -2 bad args);
+#       calibration profiles (llama_memory_seq_merge_calibrate, calib_path)
+#   (a) llama-completion -c 256 --context-shift --kv-merge -n 700 (-fa on and off, and on with the profile of (b)
+#       through --kv-merge-calib): merges happen, the cache never grows past its cells, the text stays text
 #   (c) llama-server -np 2 --kv-merge: two long concurrent /completion requests each equal the request run alone
 #   (d) bad --kv-merge-* flags exit non-zero with a message naming the flag, no signal
 # Each check prints PASS/FAIL with a reason; the last line is "N passed, M failed"; exit 1 on any failure.
@@ -92,6 +93,27 @@ t_checks=$(date +%s)
 
 PROMPT="Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker who"
 
+# ------------------------------------------------------------------------------------------------ (b)
+for fa in 1 0; do
+    t0=$(date +%s)
+    # the flash-attention run leaves its calibration profile for (a)
+    profile=""; [ "$fa" = 1 ] && profile="$WORK/rt.profile"
+    KVM_RT_PROFILE="$profile" timeout 180 "$RT" "$MODEL" "$fa" > "$WORK/rt-$fa.txt" 2> "$WORK/rt-$fa.log"
+    rc=$?
+    dt=$(( $(date +%s) - t0 ))
+    while IFS= read -r line; do
+        case "$line" in
+            PASS:*) pass "(b) ${line#PASS: }" ;;
+            FAIL:*) fail "(b) ${line#FAIL: }" ;;
+        esac
+    done < "$WORK/rt-$fa.txt"
+    if [ $rc -ne 0 ] && ! grep -q '^FAIL' "$WORK/rt-$fa.txt"; then
+        fail "(b) state_roundtrip fa=$fa" "exit code $rc without a FAIL line (log: $(tail -n 3 "$WORK/rt-$fa.log" | tr '\n' ' '))"
+    elif [ $rc -eq 0 ]; then
+        echo "      (state_roundtrip fa=$fa: ${dt}s)"
+    fi
+done
+
 # ------------------------------------------------------------------------------------------------ (a)
 # text check: >= 90% printable, letters present, not one character repeated
 text_ok() {
@@ -117,11 +139,16 @@ print(f"{n} chars, {pr:.0%} printable, {words} distinct words")
 PY
 }
 
-for fa in on off; do
-    name="(a) completion -c 256 --context-shift --kv-merge -n 700 -fa $fa"
-    out="$WORK/compl-$fa.txt"; log="$WORK/compl-$fa.log"
+for run in on off calib; do
+    fa="$run"; calib=()
+    if [ "$run" = calib ]; then
+        fa=on; calib=(--kv-merge-calib "$WORK/rt.profile")
+        [ -f "$WORK/rt.profile" ] || { fail "(a) --kv-merge-calib" "no profile from (b)"; continue; }
+    fi
+    name="(a) completion -c 256 --context-shift --kv-merge -n 700 -fa $fa${calib:+ ${calib[0]} (profile of (b))}"
+    out="$WORK/compl-$run.txt"; log="$WORK/compl-$run.log"
     t0=$(date +%s)
-    timeout 240 "$BIN/llama-completion" -m "$MODEL" -c 256 --context-shift --kv-merge -n 700 --ignore-eos -no-cnv \
+    timeout 240 "$BIN/llama-completion" -m "$MODEL" -c 256 --context-shift --kv-merge "${calib[@]}" -n 700 --ignore-eos -no-cnv \
         --temp 0 -t "$THREADS" -fa "$fa" --no-warmup -p "$PROMPT" > "$out" 2> "$log" < /dev/null
     rc=$?
     dt=$(( $(date +%s) - t0 ))
@@ -146,25 +173,6 @@ for fa in on off; do
         fail "$name" "output is not text: $why"
     else
         pass "$name" "$n_merge merges ($(printf '%s\n' "$merges" | head -n 1 | awk '{print $1 " -> " $2}'), all before <= $n_ctx, after < before), $why, ${dt}s"
-    fi
-done
-
-# ------------------------------------------------------------------------------------------------ (b)
-for fa in 1 0; do
-    t0=$(date +%s)
-    timeout 180 "$RT" "$MODEL" "$fa" > "$WORK/rt-$fa.txt" 2> "$WORK/rt-$fa.log"
-    rc=$?
-    dt=$(( $(date +%s) - t0 ))
-    while IFS= read -r line; do
-        case "$line" in
-            PASS:*) pass "(b) ${line#PASS: }" ;;
-            FAIL:*) fail "(b) ${line#FAIL: }" ;;
-        esac
-    done < "$WORK/rt-$fa.txt"
-    if [ $rc -ne 0 ] && ! grep -q '^FAIL' "$WORK/rt-$fa.txt"; then
-        fail "(b) state_roundtrip fa=$fa" "exit code $rc without a FAIL line (log: $(tail -n 3 "$WORK/rt-$fa.log" | tr '\n' ' '))"
-    elif [ $rc -eq 0 ]; then
-        echo "      (state_roundtrip fa=$fa: ${dt}s)"
     fi
 done
 
@@ -247,7 +255,7 @@ kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""
 
 # ------------------------------------------------------------------------------------------------ (d)
 for args in "--kv-merge-keep -1" "--kv-merge-keep 0" "--kv-merge-method nosuch" "--kv-merge-value nosuch" \
-            "--kv-merge-floor abc" "--kv-merge-recent x" "--kv-merge-sinks y"; do
+            "--kv-merge-floor abc" "--kv-merge-recent x" "--kv-merge-sinks y" "--kv-merge-calib /nonexistent/x.profile"; do
     flag="${args%% *}"
     for tool in llama-completion llama-server; do
         name="(d) $tool $args"

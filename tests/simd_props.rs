@@ -161,6 +161,40 @@ fn check_dot_f32(k: &Kernels, a: &[f32], b: &[f32]) -> Result<(), TestCaseError>
     check_reduction("dot_f32", k.dot_f32(a, b), exact, mag, a.len())
 }
 
+/// Per-head dots of two rows: every head's `dot` and `nx` must be the bits of the table's own
+/// `dot_f32` on that head (the link scores rely on it), and so within the reduction tolerance
+/// of f64; heads of every width `dk` that divides the row, tails included.
+fn check_head_dots_f32(k: &Kernels, x: &[f32], y: &[f32], dk: usize) -> Result<(), TestCaseError> {
+    let nh = x.len() / dk;
+    let (x, y) = (&x[..nh * dk], &y[..nh * dk]);
+    let mut dot = vec![f32::NAN; nh];
+    let mut nx = vec![f32::NAN; nh];
+    k.head_dots_f32(x, y, dk, &mut dot, &mut nx);
+    for h in 0..nh {
+        let (xh, yh) = (&x[h * dk..(h + 1) * dk], &y[h * dk..(h + 1) * dk]);
+        prop_assert_eq!(
+            dot[h].to_bits(),
+            k.dot_f32(xh, yh).to_bits(),
+            "{} dot head {}/{} dk {}",
+            k.name,
+            h,
+            nh,
+            dk
+        );
+        prop_assert_eq!(
+            nx[h].to_bits(),
+            k.dot_f32(xh, xh).to_bits(),
+            "{} norm head {}/{} dk {}",
+            k.name,
+            h,
+            nh,
+            dk
+        );
+        check_dot_f32(k, xh, yh)?;
+    }
+    Ok(())
+}
+
 /// Queries against packed keys. `kt` comes as `d` rows of `n` (one per channel) and is packed
 /// here into the kernels' panels, the padding poisoned with NaN (it must never be read). Keys
 /// of every count `n` test the full panels and the 8- and 4-key blocks and single keys of the
@@ -432,6 +466,8 @@ fn check_all(k: &Kernels, g: &mut XorShift, n: usize, off: usize) -> Result<(), 
     let (pfa, pfb, pha, phb) = (pad(&fa), pad(&fb), padh(&ha), padh(&hb));
     let (pbb, pcf) = (padh(&bb), pad(&cf));
     check_dot_f32(k, &pfa[off..], &pfb[off..])?;
+    // the row split into heads of 1..=n channels (a last partial head is not a head)
+    check_head_dots_f32(k, &pfa[off..], &pfb[off..], 1 + n % 70)?;
     // n keys of 3 channels (rows b, a, a reversed) against 1..=5 query rows
     let kt: Vec<f32> = [fb.clone(), fa.clone(), fa.iter().rev().copied().collect()].concat();
     let q: Vec<f32> = (0..3 * (1 + n % 7)).map(|_| g.arith()).collect();
@@ -537,6 +573,12 @@ macro_rules! simd_props {
                 fn dot_f32((a, b, off) in pair(arith_f32())) {
                     let Some(k) = table() else { return Ok(()) };
                     check_dot_f32(k, &a[off..], &b[off..])?;
+                }
+
+                #[test]
+                fn head_dots_f32((a, b, off) in pair(arith_f32()), dk in 1usize..=80) {
+                    let Some(k) = table() else { return Ok(()) };
+                    check_head_dots_f32(k, &a[off..], &b[off..], dk)?;
                 }
 
                 #[test]

@@ -64,22 +64,21 @@ pub fn layer_adjacent<L: LayerRows>(kern: &'static Kernels, layer: &L, cells: &[
     let mut out = vec![0f32; n - 1];
     // Each row decoded once, all heads in one call, and the previous one kept: the dots then
     // run on f32 without converting any row twice (dots straight from f16 widened every row
-    // for its norm and again for each of its two links). About a tenth faster in a merge
-    // event, and since the widening is exact, the sums are the same.
+    // for its norm and again for each of its two links), and one kernel call per row gives
+    // every head's dot with the previous row and its own norm (a call per dot cost as much as
+    // the 64-channel dots themselves). The widening is exact and `head_dots_f32` gives
+    // `dot_f32`'s bits, so the sums are the same as with per-head dots straight from f16.
     let mut cur = vec![0f32; g.n_head * g.dk];
     let mut prev = vec![0f32; g.n_head * g.dk];
+    let mut dots = vec![0f32; g.n_head];
     let mut norms = vec![0f32; g.n_head];
     let mut prev_norms = vec![0f32; g.n_head];
     for (i, &c) in cells.iter().enumerate() {
         layer.read_k_row(kern, c as usize, &mut cur);
-        for (h, (x, y)) in cur
-            .chunks_exact(g.dk)
-            .zip(prev.chunks_exact(g.dk))
-            .enumerate()
-        {
-            norms[h] = kern.dot_f32(x, x);
-            if i > 0 {
-                out[i - 1] += cosine(kern.dot_f32(x, y), norms[h], prev_norms[h]);
+        kern.head_dots_f32(&cur, &prev, g.dk, &mut dots, &mut norms);
+        if i > 0 {
+            for h in 0..g.n_head {
+                out[i - 1] += cosine(dots[h], norms[h], prev_norms[h]);
             }
         }
         std::mem::swap(&mut cur, &mut prev);

@@ -41,6 +41,7 @@ pub(crate) fn table() -> Option<&'static Kernels> {
     static T: Kernels = Kernels {
         name: "avx2",
         dot_f32: dot_f32_avx2,
+        head_dots_f32: head_dots_f32_avx2,
         qk_t_f32: qk_t_f32_avx2,
         pack_keys_f16: pack_keys_f16_avx2,
         softmax_acc: softmax_acc_avx2,
@@ -127,6 +128,7 @@ unsafe fn f32_to_bf16x8(x: __m256) -> __m128i {
 /// # Safety
 /// The CPU supports AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     if n < EPR {
@@ -154,6 +156,22 @@ pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
         sumf = a[i].mul_add(b[i], sumf);
     }
     sumf
+}
+
+/// [`scalar::head_dots_body`] on [`dot_f32_avx2`], inlined under this entry's features.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn head_dots_f32_avx2(
+    x: &[f32],
+    y: &[f32],
+    dk: usize,
+    dot: &mut [f32],
+    nx: &mut [f32],
+) {
+    // SAFETY: the caller guarantees the features `dot_f32_avx2` needs.
+    scalar::head_dots_body(x, y, dk, dot, nx, |a, b| unsafe { dot_f32_avx2(a, b) });
 }
 
 /// One block of `MQ` queries × `NV`·8 keys of [`qk_t_f32_avx2`]: query rows `r0..`, panel

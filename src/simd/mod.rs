@@ -176,6 +176,9 @@ pub(crate) unsafe fn pack_keys_f16_driver<B: PackBlock>(rows: &[&[u16]], panel: 
 /// `(logit, kq_scale, bias, acc)`, see [`Kernels::softmax_acc`].
 type SoftmaxAcc = unsafe fn(&mut [f32], f32, Option<&[f32]>, &mut [f32]);
 
+/// `(x, y, dk, dot, nx)`, see [`Kernels::head_dots_f32`].
+type HeadDots = unsafe fn(&[f32], &[f32], usize, &mut [f32], &mut [f32]);
+
 /// Function pointers of one implementation. The pointers are `unsafe fn` because the ISA
 /// versions carry `#[target_feature]`; a table is only constructed after its features were
 /// detected, which is what makes the safe wrappers below sound.
@@ -183,6 +186,7 @@ type SoftmaxAcc = unsafe fn(&mut [f32], f32, Option<&[f32]>, &mut [f32]);
 pub struct Kernels {
     pub name: &'static str,
     dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
+    head_dots_f32: HeadDots,
     qk_t_f32: unsafe fn(&[f32], usize, &[f32], &mut [f32]),
     pack_keys_f16: unsafe fn(&[&[u16]], &mut [f32]),
     softmax_acc: SoftmaxAcc,
@@ -201,6 +205,7 @@ impl Kernels {
         static T: Kernels = Kernels {
             name: "scalar",
             dot_f32: scalar::dot_f32_scalar,
+            head_dots_f32: scalar::head_dots_f32_scalar,
             qk_t_f32: scalar::qk_t_f32_scalar,
             pack_keys_f16: scalar::pack_keys_f16_scalar,
             softmax_acc: scalar::softmax_acc_scalar,
@@ -244,6 +249,18 @@ impl Kernels {
         assert_eq!(a.len(), b.len());
         // SAFETY: the table was built only after its CPU features were detected.
         unsafe { (self.dot_f32)(a, b) }
+    }
+
+    /// Per head of two rows split into heads of `dk`: `dot[h] = x_h·y_h` and `nx[h] = x_h·x_h`,
+    /// bit for bit what [`Kernels::dot_f32`] gives on each head, in one call per row.
+    #[inline]
+    pub fn head_dots_f32(&self, x: &[f32], y: &[f32], dk: usize, dot: &mut [f32], nx: &mut [f32]) {
+        assert!(dk > 0, "dk is 0");
+        assert_eq!(x.len(), y.len());
+        assert_eq!(x.len(), dk * dot.len());
+        assert_eq!(nx.len(), dot.len());
+        // SAFETY: the table was built only after its CPU features were detected.
+        unsafe { (self.head_dots_f32)(x, y, dk, dot, nx) }
     }
 
     /// Queries against packed keys: `out[r·n + i] = q_r · k_i` for the `m = q.len()/d` query

@@ -40,6 +40,7 @@ pub(crate) fn table() -> Option<&'static Kernels> {
     static T: Kernels = Kernels {
         name: "neon",
         dot_f32: dot_f32_neon,
+        head_dots_f32: head_dots_f32_neon,
         qk_t_f32: qk_t_f32_neon,
         pack_keys_f16: pack_keys_f16_neon,
         softmax_acc: softmax_acc_neon,
@@ -163,6 +164,7 @@ unsafe fn f32_to_bf16x4(x: float32x4_t) -> uint16x4_t {
 /// # Safety
 /// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
 #[target_feature(enable = "neon")]
+#[inline]
 pub(crate) unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     if n < EPR {
@@ -190,6 +192,22 @@ pub(crate) unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
         sumf = a[i].mul_add(b[i], sumf);
     }
     sumf
+}
+
+/// [`scalar::head_dots_body`] on [`dot_f32_neon`], inlined under this entry's features.
+///
+/// # Safety
+/// None on aarch64: NEON is baseline. `unsafe` to fit the table slot.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn head_dots_f32_neon(
+    x: &[f32],
+    y: &[f32],
+    dk: usize,
+    dot: &mut [f32],
+    nx: &mut [f32],
+) {
+    // SAFETY: `dot_f32_neon` has no precondition on aarch64.
+    scalar::head_dots_body(x, y, dk, dot, nx, |a, b| unsafe { dot_f32_neon(a, b) });
 }
 
 /// One block of `MQ` queries × `NV`·4 keys of [`qk_t_f32_neon`]: query rows `r0..`, panel

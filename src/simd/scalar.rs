@@ -13,6 +13,40 @@ pub(crate) unsafe fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0.0f32, |s, (x, y)| x.mul_add(*y, s))
 }
 
+/// Per head `h` of two rows of `dk`-wide heads: `dot[h] = x_h·y_h`, `nx[h] = x_h·x_h`, each
+/// computed by the table's own `dot` so the results are its `dot_f32` bits. One call covers a
+/// whole row: with heads of 64 channels, a call per dot cost as much as the dots themselves.
+#[inline(always)]
+pub(crate) fn head_dots_body(
+    x: &[f32],
+    y: &[f32],
+    dk: usize,
+    dot: &mut [f32],
+    nx: &mut [f32],
+    f: impl Fn(&[f32], &[f32]) -> f32,
+) {
+    for ((xh, yh), (d, n)) in x
+        .chunks_exact(dk)
+        .zip(y.chunks_exact(dk))
+        .zip(dot.iter_mut().zip(nx.iter_mut()))
+    {
+        *d = f(xh, yh);
+        *n = f(xh, xh);
+    }
+}
+
+/// [`head_dots_body`] on [`dot_f32_scalar`].
+pub(crate) unsafe fn head_dots_f32_scalar(
+    x: &[f32],
+    y: &[f32],
+    dk: usize,
+    dot: &mut [f32],
+    nx: &mut [f32],
+) {
+    // SAFETY: the scalar kernel has no precondition.
+    head_dots_body(x, y, dk, dot, nx, |a, b| unsafe { dot_f32_scalar(a, b) });
+}
+
 /// Queries against keys packed in panels (see [`Kernels::qk_t_f32`](super::Kernels::qk_t_f32)):
 /// each output is one fused multiply-add chain over the channels, front to back; the ISA
 /// kernels run the same chain in each lane, so every table gives the same bits.

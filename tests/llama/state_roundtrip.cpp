@@ -13,7 +13,10 @@
 // 2. llama_kv_merge_params.kvm_params (a whole struct kvm_params) is honoured: a bad kvm_params (sigma_mode
 //    fixed, sigma = -1) is refused with -2; a valid one merges;
 // 3. refusals: merging cells shared by two sequences (after llama_memory_seq_cp) returns -3, merging while a
-//    K-shift is pending returns -3, bad arguments return -2, and the cache is unchanged after each refusal.
+//    K-shift is pending returns -3, bad arguments return -2, and the cache is unchanged after each refusal;
+// 4. calibration: llama_memory_seq_merge_calibrate writes a profile of every layer without touching the cache,
+//    llama_kv_merge_params.calib_path changes which cells a merge frees, and a missing or ill-fitting profile
+//    is refused (-2) with the cache unchanged.
 // Prints PASS/FAIL lines; exit code 0 only if all passed.
 
 #include "llama.h"
@@ -28,6 +31,8 @@
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 static int n_pass = 0;
 static int n_fail = 0;
@@ -337,6 +342,80 @@ int main(int argc, char ** argv) {
                 fmt("[%s] bad arguments are refused", tag).c_str(),
                 fmt("n_free too large %d, bad seq %d, n_free<0 %d, ctx NULL %d", a1, a2, a3, a4));
         llama_free(ctx);
+    }
+
+    // ---------------------------------------------------------------- 4. calibration profile
+    {
+        const char * tmp = getenv("TMPDIR");
+        // KVM_RT_PROFILE: where to leave the profile (scripts/test-llama.sh hands it to llama-completion)
+        const char * keep = getenv("KVM_RT_PROFILE");
+        const std::string path = keep && *keep ? std::string(keep)
+            : std::string(tmp && *tmp ? tmp : "/tmp") + fmt("/kvm_rt_%d_%s.profile", (int) getpid(), tag);
+        const std::string bad_path = path + ".bad";
+
+        llama_context * ctx = make_ctx(model, fa);
+        llama_memory_t mem = llama_get_memory(ctx);
+        std::vector<llama_token> first(prompt.begin(), prompt.begin() + 200);
+        decode(ctx, first, 0);
+
+        const std::vector<uint8_t> before = get_state(ctx, 0);
+        const int32_t n_obs = llama_memory_seq_merge_calibrate(ctx, 0, path.c_str());
+        const std::vector<uint8_t> after = get_state(ctx, 0);
+        std::string text;
+        if (FILE * f = fopen(path.c_str(), "rb")) {
+            char buf[4096];
+            size_t n;
+            while ((n = fread(buf, 1, sizeof(buf), f)) > 0) text.append(buf, n);
+            fclose(f);
+        }
+        const int n_layer = llama_model_n_layer(model);
+        int n_layer_lines = 0;
+        for (size_t at = 0; (at = text.find("\nlayer ", at)) != std::string::npos; ++at) n_layer_lines++;
+        check(n_obs == 199 && before == after && text.rfind("kvmerger-profile 1", 0) == 0 &&
+                text.find(fmt("layers %d\n", n_layer)) != std::string::npos && n_layer_lines == n_layer,
+                fmt("[%s] llama_memory_seq_merge_calibrate writes a profile of every layer, cache unchanged", tag).c_str(),
+                fmt("returned %d, %d layer lines of %d, state %s", n_obs, n_layer_lines, n_layer, before == after ? "same" : "changed"));
+
+        // the same merge with and without the profile: both free 20 cells, the profile changes which
+        llama_context * ctx2 = make_ctx(model, fa);
+        decode(ctx2, first, 0);
+        llama_kv_merge_params mpar = llama_kv_merge_default_params();
+        mpar.n_threads = 1;
+        std::vector<llama_pos> freed_plain(20, -1), freed_calib(20, -1);
+        const int32_t r_plain = llama_memory_seq_merge(ctx2, 0, 4, 200, 20, &mpar, freed_plain.data());
+        mpar.calib_path = path.c_str();
+        const int32_t r_calib = llama_memory_seq_merge(ctx, 0, 4, 200, 20, &mpar, freed_calib.data());
+        check(r_plain == 20 && r_calib == 20 && freed_plain != freed_calib &&
+                llama_memory_seq_pos_max(mem, 0) == 179,
+                fmt("[%s] --kv-merge-calib: a merge through the profile frees 20 cells, other ones than without it", tag).c_str(),
+                fmt("plain %d, calibrated %d", r_plain, r_calib));
+        llama_free(ctx2);
+
+        // refusals leave the cache alone
+        decode(ctx, {prompt[200]}, 180);
+        if (FILE * f = fopen(bad_path.c_str(), "wb")) {
+            fputs("kvmerger-profile 1\nlayers 3\nlayer 0 10 0.5 0.1 0.2\nlayer 1 10 0.5 0.1 0.2\nlayer 2 10 0.5 0.1 0.2\n", f);
+            fclose(f);
+        }
+        const std::vector<uint8_t> b2 = get_state(ctx, 0);
+        mpar.calib_path = "/nonexistent/kvm.profile";
+        const int32_t r_missing = llama_memory_seq_merge(ctx, 0, 4, 180, 20, &mpar, nullptr);
+        mpar.calib_path = bad_path.c_str();
+        const int32_t r_wrong = llama_memory_seq_merge(ctx, 0, 4, 180, 20, &mpar, nullptr);
+        const int32_t c_null  = llama_memory_seq_merge_calibrate(ctx, 0, nullptr);
+        const int32_t c_seq   = llama_memory_seq_merge_calibrate(ctx, 5, path.c_str());
+        const int32_t c_ctx   = llama_memory_seq_merge_calibrate(nullptr, 0, path.c_str());
+        const int32_t c_dir   = llama_memory_seq_merge_calibrate(ctx, 0, "/nonexistent/kvm.profile");
+        const std::vector<uint8_t> a2 = get_state(ctx, 0);
+        check(r_missing == -2 && r_wrong == -2 && c_null == -2 && c_seq == -2 && c_ctx == -2 && c_dir == -4 && b2 == a2,
+                fmt("[%s] a missing or ill-fitting profile, bad calibrate arguments: refused, cache unchanged", tag).c_str(),
+                fmt("missing %d, 3-layer profile %d, path NULL %d, bad seq %d, ctx NULL %d, unwritable %d, state %s",
+                    r_missing, r_wrong, c_null, c_seq, c_ctx, c_dir, b2 == a2 ? "same" : "changed"));
+        llama_free(ctx);
+        if (!(keep && *keep)) {
+            remove(path.c_str());
+        }
+        remove(bad_path.c_str());
     }
 
     llama_model_free(model);
