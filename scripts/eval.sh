@@ -52,13 +52,22 @@ MODEL="${KVM_MODEL:-$(scripts/fetch-model.sh)}"
 # 4. texts
 TXT="$OUT/texts"
 mkdir -p "$TXT"
-# other topics of the Python reference: the second text where Debian's GPL-3 text is missing,
-# and a third one for results/windows3
-python3 - "$TXT/pydoc2.txt" <<'PY'
+# Prose of the Python language reference, as shipped with every CPython (pydoc_data/topics.py),
+# in three sets of topics: pydoc, the second text; pydoc2, the second text where Debian's
+# GPL-3 text is missing and the third one of results/windows3; calib, the text the calibration
+# profile of the *_calib ablations comes from, which the PPL task never scores.
+python3 - "$TXT" <<'PY'
+import os
 import sys
 import pydoc_data.topics as t
-keys = [k for k in ("string-methods", "typesseq", "formatstrings", "attribute-access", "customization") if k in t.topics]
-open(sys.argv[1], "w").write("\n\n".join(t.topics[k] for k in keys))
+texts = {
+    "pydoc": ("specialnames", "types", "compound", "execmodel", "datamodel"),
+    "pydoc2": ("string-methods", "typesseq", "formatstrings", "attribute-access", "customization"),
+    "calib": ("assignment", "import", "typesmapping", "comparisons", "strings", "operator-summary"),
+}
+for name, topics in texts.items():
+    with open(os.path.join(sys.argv[1], name + ".txt"), "w") as f:
+        f.write("\n\n".join(t.topics[k] for k in topics if k in t.topics))
 PY
 if [ -f /usr/share/common-licenses/GPL-3 ]; then
     T1=gpl3
@@ -66,22 +75,6 @@ if [ -f /usr/share/common-licenses/GPL-3 ]; then
 else
     T1=pydoc2
 fi
-python3 - "$TXT/pydoc.txt" <<'PY'
-# Prose of the Python language reference, as shipped with every CPython (pydoc_data/topics.py).
-import sys
-import pydoc_data.topics as t
-keys = [k for k in ("specialnames", "types", "compound", "execmodel", "datamodel") if k in t.topics]
-open(sys.argv[1], "w").write("\n\n".join(t.topics[k] for k in keys))
-PY
-
-# the calibration profile of the *_calib ablations comes from other topics of the same reference,
-# a text the PPL task never scores
-python3 - "$TXT/calib.txt" <<'PY'
-import sys
-import pydoc_data.topics as t
-keys = [k for k in ("assignment", "import", "typesmapping", "comparisons", "strings", "operator-summary") if k in t.topics]
-open(sys.argv[1], "w").write("\n\n".join(t.topics[k] for k in keys))
-PY
 
 # 5. run
 ARGS=(-m "$MODEL" --text "$T1=$TXT/$T1.txt" --text "pydoc=$TXT/pydoc.txt" --out "$OUT" -t "$THREADS"
