@@ -318,13 +318,15 @@ static std::vector<Method> make_methods(int threads) {
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.sim_floor = 0.75f; p.value_mode = LLAMA_KV_MERGE_VALUE_PAPER; });
     add("kvmerger", "main", "KVMerger, our reading: exact budget by link score, convex weights, no floor",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
-    // age_bias x max_set picked from a PPL-only sweep of age_bias x max_set, floors, heavy hitters,
-    // attention weights and EVICT_FOLD on window 0 of the two texts (results/explore-c8); then
-    // query-free, because dropping the query scoring gave the same perplexity over three windows
-    // of three texts at two thirds of the cost (results/best-queryfree)
-    add("best", "main", "our best merging configuration so far: kvmerger, age-aware link scores (age_bias 1), sets of at most 2, query-free pivots, no heavy hitters",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; });
-    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
+    // sets of at most 2 and an age bias from a PPL-only sweep of age_bias x max_set, floors, heavy
+    // hitters, attention weights and EVICT_FOLD on window 0 of the two texts (results/explore-c8);
+    // query-free, because the query scoring gave the same perplexity over three windows of three
+    // texts at 1.5x the cost (results/best-queryfree); age_bias 100 over 1 and 10 on the same
+    // windows, with token caps and wider recent windows losing (results/explore-age)
+    add("best", "main", "our best merging configuration so far: kvmerger, age-dominated link scores (age_bias 100: the oldest pairs merge, similarity picks among neighbours), sets of at most 2, query-free pivots, no heavy hitters",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2; });
+    add("abl_best_age1", "ablation", "the previous best: best with age_bias 1 (similarity and age weigh alike)",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 1.0f; p.max_set = 2; });
     add("abl_prev_best", "ablation", "the previous best: kvmerger, heavy 20%, floor 0.90, logbias, recent = capacity/8",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.heavy_frac = 0.20f; p.sim_floor = 0.90f;
                        p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
@@ -351,12 +353,12 @@ static std::vector<Method> make_methods(int threads) {
     add("abl_calib", "ablation", "kvmerger, link scores through a calibration profile (per-layer standardized cosine)",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
     ms.back().calib = true;
-    add("abl_best_calib", "ablation", "abl_best_attn (age_bias 1, sets of at most 2, attention), link scores through a calibration profile",
+    add("abl_best_calib", "ablation", "abl_best_attn, link scores through a calibration profile",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
     ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
     ms.back().calib = true;
-    // the previous best: the same with the query ring (attention pivots, 5 % heavy hitters)
-    add("abl_best_attn", "ablation", "best with attention from the query ring: pivots by attention, 5% heavy hitters (best until the query-free one)",
+    // abl_best_age1 with the query ring (attention pivots, 5 % heavy hitters)
+    add("abl_best_attn", "ablation", "abl_best_age1 with attention from the query ring: pivots by attention, 5% heavy hitters",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
     ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
     add("abl_age_bias", "ablation", "kvmerger, age-aware link scores (age_bias 0.2)", nullptr);
@@ -420,6 +422,34 @@ static std::vector<Method> make_methods(int threads) {
     }
     add("abl_age1_logbias", "ablation", "kvmerger, age_bias 1, logbias", [](auto & p) { p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
     ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; };
+    // a cap on the tokens one cell stands for: old text is merged once (or a few times) and
+    // then evicted oldest first, instead of being folded again and again into blurred cells
+    for (int cap : {2, 3, 4}) {
+        add(fmt("abl_cap%d", cap), "ablation", fmt("abl_best_age1, cells stand for at most %d tokens (then oldest evicted)", cap),
+            [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; });
+        ms.back().kvm_set = [cap](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; k.max_count = (uint32_t) cap; };
+    }
+    add("abl_cap2_logbias", "ablation", "abl_best_age1, at most 2 tokens per cell, logbias",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; k.max_count = 2; };
+    add("abl_cap2_attn", "ablation", "abl_best_attn (least attended evicted), at most 2 tokens per cell",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
+    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; k.max_count = 2; };
+    for (float rf : {0.25f, 0.5f}) {
+        add(fmt("abl_best_rc%g", 1.0f/rf), "ablation", fmt("abl_best_age1, recent = capacity/%g", 1.0f/rf),
+            [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; });
+        ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
+        ms.back().recent_frac = rf;
+    }
+    // stronger age bias (best has 100), and age alone with no set limit: the oldest run in one cell
+    for (auto [a, mset] : {std::pair{10.0f, 2}, {100.0f, 0}}) {
+        add(fmt("abl_age%g%s", a, mset ? "_set2" : ""), "ablation", fmt("kvmerger query-free, age_bias %g%s", a, mset ? ", sets of at most 2" : ""),
+            [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; });
+        ms.back().kvm_set = [a, mset](kvm_params & k) { k.age_bias = a; k.max_set = (uint32_t) mset; };
+    }
+    add("abl_cap2_age0", "ablation", "kvmerger query-free, no age bias, at most 2 tokens per cell",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; });
+    ms.back().kvm_set = [](kvm_params & k) { k.max_set = 2; k.max_count = 2; };
     return ms;
 }
 

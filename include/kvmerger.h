@@ -168,6 +168,9 @@ typedef struct kvm_params {
   uint32_t max_set;
   // CaM: how many following kept cells share an evicted value (> 0). Default 4.
   uint32_t cam_span;
+  // Most tokens one cell may stand for after a merge; links over it are not taken and the
+  // budget they leave is met by eviction. 0 = no limit. Default 0.
+  uint32_t max_count;
 } kvm_params;
 
 // A tensor as ggml describes it. Fill it straight from a `ggml_tensor`: `data`, `type`

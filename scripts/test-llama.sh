@@ -6,8 +6,9 @@
 #   (b) tests/llama/state_roundtrip: merge counts survive llama_state_seq_get/set_data, byte-identical state,
 #       identical logits; kvm_params override; refusals (-3 on shared cells / pending K-shift, -2 bad args);
 #       calibration profiles (llama_memory_seq_merge_calibrate, calib_path)
-#   (a) llama-completion -c 256 --context-shift --kv-merge -n 700 (-fa on and off, and on with the profile of (b)
-#       through --kv-merge-calib): merges happen, the cache never grows past its cells, the text stays text
+#   (a) llama-completion -c 256 --context-shift --kv-merge -n 700 (-fa on and off, on with the profile of (b)
+#       through --kv-merge-calib, and on with the flags of the best configuration): merges happen, the cache never
+#       grows past its cells, the text stays text, the merge logs the parameters and profile the flags set
 #   (c) llama-server -np 2 --kv-merge: two long concurrent /completion requests each equal the request run alone
 #   (d) bad --kv-merge-* flags exit non-zero with a message naming the flag, no signal
 # Each check prints PASS/FAIL with a reason; the last line is "N passed, M failed"; exit 1 on any failure.
@@ -139,16 +140,23 @@ print(f"{n} chars, {pr:.0%} printable, {words} distinct words")
 PY
 }
 
-for run in on off calib; do
+# the flags of the README's best configuration
+BEST=(--kv-merge-pivot query-free --kv-merge-age-bias 100 --kv-merge-max-set 2)
+for run in on off calib best; do
     fa="$run"; calib=()
     if [ "$run" = calib ]; then
         fa=on; calib=(--kv-merge-calib "$WORK/rt.profile")
         [ -f "$WORK/rt.profile" ] || { fail "(a) --kv-merge-calib" "no profile from (b)"; continue; }
+    elif [ "$run" = best ]; then
+        fa=on; calib=("${BEST[@]}")
     fi
-    name="(a) completion -c 256 --context-shift --kv-merge -n 700 -fa $fa${calib:+ ${calib[0]} (profile of (b))}"
+    # -lv 4 shows libllama's info lines, among them the parameters of the merge context
+    lv=(); [ ${#calib[@]} -gt 0 ] && lv=(-lv 4)
+    name="(a) completion -c 256 --context-shift --kv-merge -n 700 -fa $fa${calib:+ ${calib[*]}}"
+    [ "$run" = calib ] && name="$name (profile of (b))"
     out="$WORK/compl-$run.txt"; log="$WORK/compl-$run.log"
     t0=$(date +%s)
-    timeout 240 "$BIN/llama-completion" -m "$MODEL" -c 256 --context-shift --kv-merge "${calib[@]}" -n 700 --ignore-eos -no-cnv \
+    timeout 240 "$BIN/llama-completion" -m "$MODEL" -c 256 --context-shift --kv-merge "${calib[@]}" "${lv[@]}" -n 700 --ignore-eos -no-cnv \
         --temp 0 -t "$THREADS" -fa "$fa" --no-warmup -p "$PROMPT" > "$out" 2> "$log" < /dev/null
     rc=$?
     dt=$(( $(date +%s) - t0 ))
@@ -171,6 +179,10 @@ for run in on off calib; do
         fail "$name" "$refused merges refused"
     elif ! why="$(text_ok "$out")"; then
         fail "$name" "output is not text: $why"
+    elif [ "$run" = best ] && ! grep -q 'kvmerger: method 0, .*pivot query-free, .*age_bias 100, max_set 2,' "$log"; then
+        fail "$name" "the flags did not reach the merge: $(grep -m 1 'kvmerger: method' "$log")"
+    elif [ "$run" = calib ] && ! grep -q "kvmerger: method .*, profile $WORK/rt.profile" "$log"; then
+        fail "$name" "the profile did not reach the merge: $(grep -m 1 'kvmerger: method' "$log")"
     else
         pass "$name" "$n_merge merges ($(printf '%s\n' "$merges" | head -n 1 | awk '{print $1 " -> " $2}'), all before <= $n_ctx, after < before), $why, ${dt}s"
     fi
@@ -255,7 +267,8 @@ kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""
 
 # ------------------------------------------------------------------------------------------------ (d)
 for args in "--kv-merge-keep -1" "--kv-merge-keep 0" "--kv-merge-method nosuch" "--kv-merge-value nosuch" \
-            "--kv-merge-floor abc" "--kv-merge-recent x" "--kv-merge-sinks y" "--kv-merge-calib /nonexistent/x.profile"; do
+            "--kv-merge-floor abc" "--kv-merge-recent x" "--kv-merge-sinks y" "--kv-merge-calib /nonexistent/x.profile" \
+            "--kv-merge-pivot nosuch" "--kv-merge-age-bias nan" "--kv-merge-max-set 1"; do
     flag="${args%% *}"
     for tool in llama-completion llama-server; do
         name="(d) $tool $args"

@@ -262,6 +262,7 @@ fn bad_windows_and_params() {
             p.sigma = 0.0
         },
         |p: &mut kvm_params| p.max_set = 1,
+        |p: &mut kvm_params| p.max_count = 1,
         |p: &mut kvm_params| p.cam_span = 0,
     ] {
         let mut p = kvm_params_default();

@@ -89,6 +89,25 @@ fn check_invariants(
                 "set {s} is not a run: {m:?}"
             );
         }
+        // Merged sets keep to the size and token caps (EVICT_FOLD has neither).
+        if p.method == kvm_method::KVM_METHOD_KVMERGER as i32 {
+            for s in 0..out.survivor.len() as u32 {
+                let m: Vec<usize> = (0..n).filter(|&i| out.set_of[i] == s).collect();
+                if m.len() < 2 {
+                    continue;
+                }
+                assert!(
+                    p.max_set == 0 || m.len() <= p.max_set as usize,
+                    "set {s} has {} cells",
+                    m.len()
+                );
+                assert!(
+                    p.max_count == 0 || out.counts[s as usize] <= p.max_count,
+                    "set {s} stands for {} tokens",
+                    out.counts[s as usize]
+                );
+            }
+        }
     } else {
         // Eviction methods merge nothing.
         assert_eq!(out.n_evicted, n_free);
@@ -142,6 +161,7 @@ proptest! {
         n_recent in 0u32..12,
         floor in prop::option::of(-0.5f32..1.0),
         max_set in prop::option::of(2u32..6),
+        max_count in prop::option::of(2u32..9),
         age_bias in 0.0f32..0.5,
         query_free in any::<bool>(),
     ) {
@@ -156,6 +176,7 @@ proptest! {
         p.n_recent = n_recent;
         p.sim_floor = floor.unwrap_or(-2.0);
         p.max_set = max_set.unwrap_or(0);
+        p.max_count = max_count.unwrap_or(0);
         p.age_bias = age_bias;
         p.pivot = query_free as i32;
         let attn = with_attn.then_some(&attn[..]);
@@ -238,6 +259,35 @@ fn floor_blocks_merges_and_reports_evictions() {
     let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
     let out = run_plan(&ctx, &views, &cells, None, None, 10, false).unwrap();
     assert_eq!(out.n_evicted, 0);
+}
+
+#[test]
+fn token_cap_turns_merges_into_oldest_first_eviction() {
+    let mut cache = Cache::new(&Shape::small(GgmlType::F32, GgmlType::F32, false), 5);
+    let views = cache.views();
+    let cells: Vec<u32> = (0..64).collect();
+    let mut p = params(kvm_method::KVM_METHOD_KVMERGER);
+    p.pivot = kvm_pivot::KVM_PIVOT_QUERY_FREE as i32;
+    p.max_count = 3;
+    let ctx = Ctx::new(&p);
+    // Cells that already stand for 2 tokens cannot join anything under a cap of 3: the
+    // budget is met by evicting the oldest unprotected cells (no attention given).
+    let counts = vec![2u32; 64];
+    let out = run_plan(&ctx, &views, &cells, None, Some(&counts), 10, false).unwrap();
+    assert_eq!(out.n_evicted, 10);
+    let first = p.n_sink;
+    assert_eq!(out.freed, (first..first + 10).collect::<Vec<u32>>());
+    check_invariants(&p, &cells, None, Some(&counts), 10, &out);
+    // Fresh cells: 28 unprotected, so any maximal choice of links under the cap frees at
+    // least 14 (runs of 3 and singles alternating); 10 are freed by merging alone.
+    let out = run_plan(&ctx, &views, &cells, None, None, 10, false).unwrap();
+    assert_eq!(out.n_evicted, 0);
+    assert!(out.counts.iter().all(|&c| c <= 3));
+    check_invariants(&p, &cells, None, None, 10, &out);
+    // 27 links but at most 18 cells can go by merging in runs of 3: the rest is evicted.
+    let out = run_plan(&ctx, &views, &cells, None, None, 27, false).unwrap();
+    assert!(out.n_evicted >= 27 - 18, "{}", out.n_evicted);
+    check_invariants(&p, &cells, None, None, 27, &out);
 }
 
 #[test]

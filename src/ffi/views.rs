@@ -96,6 +96,9 @@ pub struct kvm_params {
     pub max_set: u32,
     /// CaM: how many following kept cells share an evicted value (> 0). Default 4.
     pub cam_span: u32,
+    /// Most tokens one cell may stand for after a merge; links over it are not taken and the
+    /// budget they leave is met by eviction. 0 = no limit. Default 0.
+    pub max_count: u32,
 }
 
 impl kvm_params {
@@ -137,6 +140,7 @@ impl kvm_params {
             age_bias: p.age_bias,
             max_set: p.max_set.unwrap_or(0) as u32,
             cam_span: p.cam_span as u32,
+            max_count: p.max_count.unwrap_or(0),
         }
     }
 
@@ -185,6 +189,7 @@ impl kvm_params {
             merge_values: self.merge_values,
             age_bias: self.age_bias,
             max_set: (self.max_set != 0).then_some(self.max_set as usize),
+            max_count: (self.max_count != 0).then_some(self.max_count),
             cam_span: self.cam_span as usize,
         };
         p.check()?;

@@ -88,6 +88,10 @@ pub struct Params {
     /// newest), so old text merges before recent text.
     pub age_bias: f32,
     pub max_set: Option<usize>,
+    /// Most tokens one cell may stand for after a merge. A cap keeps old text from being
+    /// folded again and again into blurred cells; links it forbids leave the budget to
+    /// eviction (oldest first without attention).
+    pub max_count: Option<u32>,
     /// For CaM: how many following kept cells share an evicted value.
     pub cam_span: usize,
 }
@@ -107,6 +111,7 @@ impl Default for Params {
             merge_values: true,
             age_bias: 0.0,
             max_set: None,
+            max_count: None,
             cam_span: 4,
         }
     }
@@ -138,6 +143,11 @@ impl Params {
         if self.max_set == Some(1) {
             return Err(InvalidArg(
                 "max_set = 1 would forbid every merge; use 0 for no limit".into(),
+            ));
+        }
+        if self.max_count == Some(1) {
+            return Err(InvalidArg(
+                "max_count = 1 would forbid every merge; use 0 for no limit".into(),
             ));
         }
         if self.cam_span == 0 {

@@ -303,16 +303,24 @@ fn kvmerger<L: LayerRows + Sync>(
     // Sets are runs, so a run is known by its two ends: `lo[hi_end]` and `hi[lo_end]`.
     let mut lo: Vec<usize> = (0..n).collect();
     let mut hi: Vec<usize> = (0..n).collect();
+    // Tokens a run stands for, kept at its first cell.
+    let mut tokens: Vec<u64> = counts.iter().map(|&c| u64::from(c)).collect();
     let mut linked = vec![false; n_links];
     let mut taken = 0;
     for &i in &cand {
         if taken == n_free {
             break;
         }
+        // Link i joins the run ending at i with the run starting at i + 1.
         let (a, b) = (lo[i], hi[i + 1]);
         if p.max_set.is_some_and(|m| b - a + 1 > m) {
             continue;
         }
+        let joined = tokens[a] + tokens[i + 1];
+        if p.max_count.is_some_and(|m| joined > u64::from(m)) {
+            continue;
+        }
+        tokens[a] = joined;
         linked[i] = true;
         hi[a] = b;
         lo[b] = a;
@@ -328,7 +336,7 @@ fn kvmerger<L: LayerRows + Sync>(
         sets.last_mut().expect("a set was started").push(i);
     }
 
-    // Budget not met (floor or max_set): evict whole unprotected sets, least attended first.
+    // Budget not met (floor, max_set or max_count): evict whole unprotected sets, least attended first.
     let mut evicted = vec![false; sets.len()];
     let short = n_free - taken;
     if short > 0 {

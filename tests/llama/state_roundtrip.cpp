@@ -307,6 +307,41 @@ int main(int argc, char ** argv) {
                 fmt("[%s] kvm_params override: invalid sigma refused (-2), a valid one merges", tag).c_str(),
                 fmt("bad -> %d (pos_max %d), ok -> %d (pos_max %d)", r_bad, pmax_bad, r_ok, pmax_ok));
         llama_free(ctx);
+
+        // the llama fields age_bias, max_set and use_attn (what --kv-merge-age-bias, --kv-merge-max-set and
+        // --kv-merge-pivot set) free the same cells as the same values through kvm_params, and other cells
+        // than the defaults
+        auto freed_by = [&](const llama_kv_merge_params & mp, int32_t & ret) {
+            llama_context * c = make_ctx(model, fa);
+            decode(c, first, 0);
+            std::vector<llama_pos> freed(40, -1);
+            ret = llama_memory_seq_merge(c, 0, 4, 200, 40, &mp, freed.data());
+            llama_free(c);
+            return freed;
+        };
+        llama_kv_merge_params lf = llama_kv_merge_default_params();
+        lf.use_attn = false;
+        lf.age_bias = 100.0f;
+        lf.max_set  = 2;
+        kvm_params kf = kvm_params_default();
+        kf.pivot    = KVM_PIVOT_QUERY_FREE;
+        kf.age_bias = 100.0f;
+        kf.max_set  = 2;
+        llama_kv_merge_params lk = llama_kv_merge_default_params();
+        lk.kvm_params = &kf;
+        llama_kv_merge_params ld = llama_kv_merge_default_params();
+        ld.use_attn = false;
+        llama_kv_merge_params l1 = lf;
+        l1.max_set = 1; // no merge is possible: refused
+        int32_t rf = 0, rk = 0, rd = 0, r1 = 0;
+        const auto ff = freed_by(lf, rf);
+        const auto fk = freed_by(lk, rk);
+        const auto fd = freed_by(ld, rd);
+        freed_by(l1, r1);
+        check(rf == 40 && rk == 40 && rd == 40 && ff == fk && ff != fd && r1 == -2,
+                fmt("[%s] llama fields age_bias/max_set/use_attn = the same kvm_params; max_set 1 refused (-2)", tag).c_str(),
+                fmt("returned %d/%d/%d/%d, fields vs kvm_params %s, vs defaults %s", rf, rk, rd, r1,
+                    ff == fk ? "same" : "differ", ff == fd ? "same" : "differ"));
     }
 
     // ---------------------------------------------------------------- 3. refusals
