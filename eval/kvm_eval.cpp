@@ -325,6 +325,18 @@ static std::vector<Method> make_methods(int threads) {
     // windows, with token caps and wider recent windows losing (results/explore-age)
     add("best", "main", "our best merging configuration so far: kvmerger, age-dominated link scores (age_bias 100: the oldest pairs merge, similarity picks among neighbours), sets of at most 2, query-free pivots, no heavy hitters",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2; });
+    // what averaging adds at the positions best picks: keys kept (values pooled), or nothing
+    // averaged at all (every pair thinned to its pivot: eviction at the same positions)
+    add("abl_best_keepkey", "ablation", "best, keys not averaged (the pivot's key), values averaged",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2; p.merge_keys = false; });
+    add("abl_best_thin", "ablation", "best's pairs, only the pivot kept (no averaging): eviction at the same positions",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2;
+                       p.merge_keys = false; p.merge_values = false; });
+    add("abl_best_logbias", "ablation", "best, ln(count) in the KQ mask",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2;
+                       p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+    add("abl_best_attn100", "ablation", "best with attention from the query ring: pivots by attention, 5% heavy hitters",
+        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.age_bias = 100.0f; p.max_set = 2; });
     add("abl_best_age1", "ablation", "the previous best: best with age_bias 1 (similarity and age weigh alike)",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 1.0f; p.max_set = 2; });
     add("abl_prev_best", "ablation", "the previous best: kvmerger, heavy 20%, floor 0.90, logbias, recent = capacity/8",
