@@ -10,9 +10,11 @@
 //! window with the most attention). A link joins window cells `i` and `i+1` when both are
 //! unprotected; links are taken in descending score (the mean adjacent-key cosine, or its
 //! calibrated form, plus an optional age bias) until `n_free` links are taken, since every
-//! taken link frees exactly one cell. Links under the similarity floor are never taken; when
-//! that leaves the budget unmet, whole unprotected sets are evicted, least attended first, and
-//! reported as `n_evicted` (each evicted set frees one more cell than merging it did). In each
+//! taken link frees exactly one cell. Links under the similarity floor, or that would make a
+//! set longer than `max_set` cells or stand for more than `max_count` tokens, are skipped; when
+//! that leaves the budget unmet, whole unprotected sets are evicted, least attended (without
+//! attention: oldest) first, and reported as `n_evicted` (each evicted set frees one more cell
+//! than merging it did). In each
 //! merged set the pivot, the cell that survives, is the member with the most attention, or
 //! without attention the member nearest the set's mean key. Ties always go to the older cell
 //! so the plan is a pure function of its inputs.
