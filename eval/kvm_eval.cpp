@@ -277,7 +277,7 @@ struct Method {
     llama_kv_merge_params p;
     std::string missing;      // non-empty: needs fields llama_kv_merge_params lacks; not run
     float recent_frac = 0;    // > 0: n_recent = round(recent_frac * capacity) (a window that scales with the budget)
-    // knobs llama_kv_merge_params lacks (sigma, age bias, set size): set on a whole kvm_params
+    // knobs llama_kv_merge_params lacks (sigma, token cap, CaM span): set on a whole kvm_params
     // built from p, handed to the patch through llama_kv_merge_params.kvm_params
     std::function<void(kvm_params &)> kvm_set;
     bool calib = false;       // link scores through the calibration profile (--calib or --calib-text)
@@ -323,22 +323,27 @@ static std::vector<Method> make_methods(int threads) {
     // query-free, because the query scoring gave the same perplexity over three windows of three
     // texts at 1.5x the cost (results/best-queryfree); age_bias 100 over 1 and 10 on the same
     // windows, with token caps and wider recent windows losing (results/explore-age)
+    // best and its variants start from one function, so that a change to best moves them all
+    const auto best_p = [](llama_kv_merge_params & p) {
+        p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2;
+    };
+    // the previous best (age_bias 1), base of the cap, recent-window and attention ablations
+    const auto age1_p = [](llama_kv_merge_params & p) {
+        p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 1.0f; p.max_set = 2;
+    };
     add("best", "main", "our best merging configuration so far: kvmerger, age-dominated link scores (age_bias 100: the oldest pairs merge, similarity picks among neighbours), sets of at most 2, query-free pivots, no heavy hitters",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2; });
+        best_p);
     // what averaging adds at the positions best picks: keys kept (values pooled), or nothing
     // averaged at all (every pair thinned to its pivot: eviction at the same positions)
     add("abl_best_keepkey", "ablation", "best, keys not averaged (the pivot's key), values averaged",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2; p.merge_keys = false; });
+        [&](auto & p) { best_p(p); p.merge_keys = false; });
     add("abl_best_thin", "ablation", "best's pairs, only the pivot kept (no averaging): eviction at the same positions",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2;
-                       p.merge_keys = false; p.merge_values = false; });
+        [&](auto & p) { best_p(p); p.merge_keys = false; p.merge_values = false; });
     add("abl_best_logbias", "ablation", "best, ln(count) in the KQ mask",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2;
-                       p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+        [&](auto & p) { best_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
     add("abl_best_attn100", "ablation", "best with attention from the query ring: pivots by attention, 5% heavy hitters",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.age_bias = 100.0f; p.max_set = 2; });
-    add("abl_best_age1", "ablation", "the previous best: best with age_bias 1 (similarity and age weigh alike)",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 1.0f; p.max_set = 2; });
+        [&](auto & p) { best_p(p); p.use_attn = true; });
+    add("abl_best_age1", "ablation", "the previous best: best with age_bias 1 (similarity and age weigh alike)", age1_p);
     add("abl_prev_best", "ablation", "the previous best: kvmerger, heavy 20%, floor 0.90, logbias, recent = capacity/8",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.heavy_frac = 0.20f; p.sim_floor = 0.90f;
                        p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
@@ -366,13 +371,11 @@ static std::vector<Method> make_methods(int threads) {
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
     ms.back().calib = true;
     add("abl_best_calib", "ablation", "abl_best_attn, link scores through a calibration profile",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
-    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
+        [&](auto & p) { age1_p(p); p.use_attn = true; });
     ms.back().calib = true;
     // abl_best_age1 with the query ring (attention pivots, 5 % heavy hitters)
     add("abl_best_attn", "ablation", "abl_best_age1 with attention from the query ring: pivots by attention, 5% heavy hitters",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
-    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
+        [&](auto & p) { age1_p(p); p.use_attn = true; });
     add("abl_age_bias", "ablation", "kvmerger, age-aware link scores (age_bias 0.2)", nullptr);
     ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 0.2f; };
     add("abl_max_set4", "ablation", "kvmerger, merging sets of at most 4 cells", nullptr);
@@ -437,31 +440,27 @@ static std::vector<Method> make_methods(int threads) {
     // a cap on the tokens one cell stands for: old text is merged once (or a few times) and
     // then evicted oldest first, instead of being folded again and again into blurred cells
     for (int cap : {2, 3, 4}) {
-        add(fmt("abl_cap%d", cap), "ablation", fmt("abl_best_age1, cells stand for at most %d tokens (then oldest evicted)", cap),
-            [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; });
-        ms.back().kvm_set = [cap](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; k.max_count = (uint32_t) cap; };
+        add(fmt("abl_cap%d", cap), "ablation", fmt("abl_best_age1, cells stand for at most %d tokens (then oldest evicted)", cap), age1_p);
+        ms.back().kvm_set = [cap](kvm_params & k) { k.max_count = (uint32_t) cap; };
     }
     add("abl_cap2_logbias", "ablation", "abl_best_age1, at most 2 tokens per cell, logbias",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; k.max_count = 2; };
+        [&](auto & p) { age1_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+    ms.back().kvm_set = [](kvm_params & k) { k.max_count = 2; };
     add("abl_cap2_attn", "ablation", "abl_best_attn (least attended evicted), at most 2 tokens per cell",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
-    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; k.max_count = 2; };
+        [&](auto & p) { age1_p(p); p.use_attn = true; });
+    ms.back().kvm_set = [](kvm_params & k) { k.max_count = 2; };
     for (float rf : {0.25f, 0.5f}) {
-        add(fmt("abl_best_rc%g", 1.0f/rf), "ablation", fmt("abl_best_age1, recent = capacity/%g", 1.0f/rf),
-            [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; });
-        ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.max_set = 2; };
+        add(fmt("abl_best_rc%g", 1.0f/rf), "ablation", fmt("abl_best_age1, recent = capacity/%g", 1.0f/rf), age1_p);
         ms.back().recent_frac = rf;
     }
     // stronger age bias (best has 100), and age alone with no set limit: the oldest run in one cell
     for (auto [a, mset] : {std::pair{10.0f, 2}, {100.0f, 0}}) {
         add(fmt("abl_age%g%s", a, mset ? "_set2" : ""), "ablation", fmt("kvmerger query-free, age_bias %g%s", a, mset ? ", sets of at most 2" : ""),
-            [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; });
-        ms.back().kvm_set = [a, mset](kvm_params & k) { k.age_bias = a; k.max_set = (uint32_t) mset; };
+            [a, mset](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = a; p.max_set = mset; });
     }
     add("abl_cap2_age0", "ablation", "kvmerger query-free, no age bias, at most 2 tokens per cell",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; });
-    ms.back().kvm_set = [](kvm_params & k) { k.max_set = 2; k.max_count = 2; };
+        [&](auto & p) { age1_p(p); p.age_bias = 0.0f; });
+    ms.back().kvm_set = [](kvm_params & k) { k.max_count = 2; };
     return ms;
 }
 
@@ -595,6 +594,8 @@ struct Feeder {
         kp.merge_keys   = p.merge_keys;
         kp.merge_values = p.merge_values;
         kp.pivot        = (decltype(kp.pivot)) (p.use_attn ? KVM_PIVOT_ATTENTION : KVM_PIVOT_QUERY_FREE);
+        kp.age_bias     = p.age_bias;
+        kp.max_set      = (uint32_t) std::max(0, p.max_set);
         m.kvm_set(kp);
         p.kvm_params = &kp;
     }

@@ -143,20 +143,20 @@ PY
 # the flags of the README's best configuration
 BEST=(--kv-merge-pivot query-free --kv-merge-age-bias 100 --kv-merge-max-set 2)
 for run in on off calib best; do
-    fa="$run"; calib=()
+    fa="$run"; extra=()
     if [ "$run" = calib ]; then
-        fa=on; calib=(--kv-merge-calib "$WORK/rt.profile")
+        fa=on; extra=(--kv-merge-calib "$WORK/rt.profile")
         [ -f "$WORK/rt.profile" ] || { fail "(a) --kv-merge-calib" "no profile from (b)"; continue; }
     elif [ "$run" = best ]; then
-        fa=on; calib=("${BEST[@]}")
+        fa=on; extra=("${BEST[@]}")
     fi
     # -lv 4 shows libllama's info lines, among them the parameters of the merge context
-    lv=(); [ ${#calib[@]} -gt 0 ] && lv=(-lv 4)
-    name="(a) completion -c 256 --context-shift --kv-merge -n 700 -fa $fa${calib:+ ${calib[*]}}"
+    lv=(); [ ${#extra[@]} -gt 0 ] && lv=(-lv 4)
+    name="(a) completion -c 256 --context-shift --kv-merge -n 700 -fa $fa${extra:+ ${extra[*]}}"
     [ "$run" = calib ] && name="$name (profile of (b))"
     out="$WORK/compl-$run.txt"; log="$WORK/compl-$run.log"
     t0=$(date +%s)
-    timeout 240 "$BIN/llama-completion" -m "$MODEL" -c 256 --context-shift --kv-merge "${calib[@]}" "${lv[@]}" -n 700 --ignore-eos -no-cnv \
+    timeout 240 "$BIN/llama-completion" -m "$MODEL" -c 256 --context-shift --kv-merge "${extra[@]}" "${lv[@]}" -n 700 --ignore-eos -no-cnv \
         --temp 0 -t "$THREADS" -fa "$fa" --no-warmup -p "$PROMPT" > "$out" 2> "$log" < /dev/null
     rc=$?
     dt=$(( $(date +%s) - t0 ))

@@ -88,6 +88,18 @@ static bool decode(llama_context * ctx, const std::vector<llama_token> & toks, l
     return rc == 0;
 }
 
+// a fresh context holding `toks` at positions 0..: merges [4, toks.size()) with `mp` so that n_free cells go;
+// returns the positions freed (-1 where none) and the return code in `ret`
+static std::vector<llama_pos> freed_by_merge(llama_model * model, int fa, const std::vector<llama_token> & toks,
+                                             const llama_kv_merge_params & mp, int32_t n_free, int32_t & ret) {
+    llama_context * c = make_ctx(model, fa);
+    decode(c, toks, 0);
+    std::vector<llama_pos> freed(n_free, -1);
+    ret = llama_memory_seq_merge(c, 0, 4, (llama_pos) toks.size(), n_free, &mp, freed.data());
+    llama_free(c);
+    return freed;
+}
+
 static llama_token argmax(const float * logits, int n_vocab) {
     int best = 0;
     for (int i = 1; i < n_vocab; ++i) {
@@ -312,12 +324,7 @@ int main(int argc, char ** argv) {
         // --kv-merge-pivot set) free the same cells as the same values through kvm_params, and other cells
         // than the defaults
         auto freed_by = [&](const llama_kv_merge_params & mp, int32_t & ret) {
-            llama_context * c = make_ctx(model, fa);
-            decode(c, first, 0);
-            std::vector<llama_pos> freed(40, -1);
-            ret = llama_memory_seq_merge(c, 0, 4, 200, 40, &mp, freed.data());
-            llama_free(c);
-            return freed;
+            return freed_by_merge(model, fa, first, mp, 40, ret);
         };
         llama_kv_merge_params lf = llama_kv_merge_default_params();
         lf.use_attn = false;
@@ -412,19 +419,17 @@ int main(int argc, char ** argv) {
                 fmt("returned %d, %d layer lines of %d, state %s", n_obs, n_layer_lines, n_layer, before == after ? "same" : "changed"));
 
         // the same merge with and without the profile: both free 20 cells, the profile changes which
-        llama_context * ctx2 = make_ctx(model, fa);
-        decode(ctx2, first, 0);
         llama_kv_merge_params mpar = llama_kv_merge_default_params();
         mpar.n_threads = 1;
-        std::vector<llama_pos> freed_plain(20, -1), freed_calib(20, -1);
-        const int32_t r_plain = llama_memory_seq_merge(ctx2, 0, 4, 200, 20, &mpar, freed_plain.data());
+        int32_t r_plain = 0;
+        const std::vector<llama_pos> freed_plain = freed_by_merge(model, fa, first, mpar, 20, r_plain);
+        std::vector<llama_pos> freed_calib(20, -1);
         mpar.calib_path = path.c_str();
         const int32_t r_calib = llama_memory_seq_merge(ctx, 0, 4, 200, 20, &mpar, freed_calib.data());
         check(r_plain == 20 && r_calib == 20 && freed_plain != freed_calib &&
                 llama_memory_seq_pos_max(mem, 0) == 179,
                 fmt("[%s] --kv-merge-calib: a merge through the profile frees 20 cells, other ones than without it", tag).c_str(),
                 fmt("plain %d, calibrated %d", r_plain, r_calib));
-        llama_free(ctx2);
 
         // refusals leave the cache alone
         decode(ctx, {prompt[200]}, 180);
