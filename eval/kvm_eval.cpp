@@ -176,6 +176,27 @@ struct Table {
     }
 };
 
+// Per-token negative log-likelihoods of the streaming-PPL task, for paired confidence
+// intervals (eval/ci.py): one PPL per window is too coarse to tell noise from a difference, but
+// every method scores the same tokens, so block resampling of the tokens pairs the methods.
+// nll.bin is little-endian float32, appended per row; nll_index.csv says where each row lies.
+struct NllDump {
+    std::string path;
+    Table index;
+    long long offset = 0;
+    void add(const std::string & text, int w, double b, int first_pos, const std::string & method, const std::vector<float> & v) {
+        FILE * f = fopen(path.c_str(), offset ? "ab" : "wb");
+        if (!f) {
+            return;
+        }
+        fwrite(v.data(), sizeof(float), v.size(), f);
+        fclose(f);
+        index.add(Row().s("text", text).i("window_idx", w).f("budget", b, 3).i("first_pos", first_pos).s("method", method)
+            .i("offset", offset).i("count", (long long) v.size()));
+        offset += (long long) v.size();
+    }
+};
+
 // ---------------------------------------------------------------------------------------------
 // options
 
@@ -206,6 +227,9 @@ struct Opts {
     int  pk_texts = 1;        // how many of the texts serve as haystack
     std::vector<double> pk_budgets = {0.35};
     int  pk_gen = 8;
+    // kept at the start of a retrieval prompt: < 0 = its header (the instruction), as llama-passkey
+    // keeps its prefix (n_keep 32 there) and llama-cli keeps --keep; >= 0 = that many tokens
+    int  retr_keep = -1;
     // kv retrieval
     int  qa_W = 1024;
     int  qa_pairs = 6;
@@ -251,6 +275,8 @@ static void usage() {
         "  --pk-budgets a,..      passkey budgets (default 0.35; --full 0.5,0.35)\n"
         "  --qa-budgets a,..      kv-retrieval budgets (default 0.35; --full 0.5,0.35)\n"
         "  --pk-depths a,b,..     depths in %% (default 10,50,90; --full 10,30,50,70,90)\n"
+        "  --retr-keep header|N   kept at the start of a passkey/kv-retrieval prompt: its header (the\n"
+        "                         instruction; default, as llama-passkey keeps its prefix) or N tokens\n"
         "  --qa-window W          kv-retrieval haystack length (default 1024; --full 2048)\n"
         "  --qa-pairs N           key-value lines per haystack (default 6)\n"
         "  --qa-trials N          haystacks per text (default 1; --full 3)\n"
@@ -553,19 +579,43 @@ struct Stats {
     int    pos_mismatch = 0;  // pos_max + 1 != n_past after a compression (should stay 0)
 };
 
+// The patch's mapping from llama_kv_merge_params to kvm_params (llama_kv_merge_seq), then the
+// method's own knobs: what a method runs with, for the rows that need a knob the llama fields
+// lack and for methods.csv.
+static kvm_params kvm_params_of(const llama_kv_merge_params & p, const Method & m) {
+    kvm_params kp = kvm_params_default();
+    kp.n_threads    = (uint32_t) std::max(0, p.n_threads);
+    kp.method       = (decltype(kp.method)) p.method; // the enum values are equal
+    kp.n_sink       = (uint32_t) p.n_sink;
+    kp.n_recent     = (uint32_t) p.n_recent;
+    kp.heavy_frac   = p.heavy_frac;
+    kp.sim_floor    = p.sim_floor;
+    kp.value_mode   = (decltype(kp.value_mode)) p.value_mode;
+    kp.merge_keys   = p.merge_keys;
+    kp.merge_values = p.merge_values;
+    kp.pivot        = (decltype(kp.pivot)) (p.use_attn ? KVM_PIVOT_ATTENTION : KVM_PIVOT_QUERY_FREE);
+    kp.age_bias     = p.age_bias;
+    kp.max_set      = (uint32_t) std::max(0, p.max_set);
+    if (m.kvm_set) {
+        m.kvm_set(kp);
+    }
+    return kp;
+}
+
 struct Feeder {
     Model & M;
     Ctx & X;
     const Method & m;
     const Opts & o;
     int C;                    // capacity (cells)
+    int n_keep;               // kept at the start, never compressed (o.n_keep; a retrieval prompt's header)
     int n_past = 0;
     Stats st;
     llama_batch batch;
 
     llama_kv_merge_params p;  // m.p, with n_recent scaled to the capacity if the method asks
 
-    Feeder(Model & M_, Ctx & X_, const Method & m_, const Opts & o_, int C_) : M(M_), X(X_), m(m_), o(o_), C(C_) {
+    Feeder(Model & M_, Ctx & X_, const Method & m_, const Opts & o_, int C_) : M(M_), X(X_), m(m_), o(o_), C(C_), n_keep(o_.n_keep) {
         batch = llama_batch_init(std::max(o.B, 512), 0, 1);
         p = m.p;
         if (m.recent_frac > 0) {
@@ -583,20 +633,7 @@ struct Feeder {
     // the whole kvm_params behind `p` when the method sets knobs llama_kv_merge_params lacks
     kvm_params kp;
     void use_kvm_params() {
-        kp = kvm_params_default();
-        kp.n_threads    = (uint32_t) std::max(0, p.n_threads);
-        kp.method       = (decltype(kp.method)) p.method; // the enum values are equal
-        kp.n_sink       = (uint32_t) p.n_sink;
-        kp.n_recent     = (uint32_t) p.n_recent;
-        kp.heavy_frac   = p.heavy_frac;
-        kp.sim_floor    = p.sim_floor;
-        kp.value_mode   = (decltype(kp.value_mode)) p.value_mode;
-        kp.merge_keys   = p.merge_keys;
-        kp.merge_values = p.merge_values;
-        kp.pivot        = (decltype(kp.pivot)) (p.use_attn ? KVM_PIVOT_ATTENTION : KVM_PIVOT_QUERY_FREE);
-        kp.age_bias     = p.age_bias;
-        kp.max_set      = (uint32_t) std::max(0, p.max_set);
-        m.kvm_set(kp);
+        kp = kvm_params_of(p, m);
         p.kvm_params = &kp;
     }
 
@@ -606,8 +643,8 @@ struct Feeder {
     }
 
     void shift(int n_discard) {
-        llama_memory_seq_rm (X.mem, 0, o.n_keep, o.n_keep + n_discard);
-        llama_memory_seq_add(X.mem, 0, o.n_keep + n_discard, n_past, -n_discard);
+        llama_memory_seq_rm (X.mem, 0, n_keep, n_keep + n_discard);
+        llama_memory_seq_add(X.mem, 0, n_keep + n_discard, n_past, -n_discard);
     }
 
     // free cells so that `need` more tokens fit
@@ -617,14 +654,14 @@ struct Feeder {
             return;
         }
         // context shift is the stock baseline: it always discards half
-        int n_free = (n_past - o.n_keep) / 2;
+        int n_free = (n_past - n_keep) / 2;
         if (!m.is_shift && o.n_free_frac > 0) {
             n_free = (int) std::lround(o.n_free_frac * C);
         } else if (!m.is_shift && o.n_free > 0) {
             n_free = o.n_free;
         }
         n_free = std::max(n_free, must);
-        n_free = std::min(n_free, n_past - o.n_keep - 1);
+        n_free = std::min(n_free, n_past - n_keep - 1);
         if (n_free < must) {
             fprintf(stderr, "kvm_eval: capacity %d too small for a batch of %d\n", C, need);
             exit(1);
@@ -633,7 +670,7 @@ struct Feeder {
         if (m.is_shift) {
             shift(n_free);
         } else {
-            const int32_t r = llama_memory_seq_merge(X.ctx, 0, o.n_keep, n_past, n_free, &p, nullptr);
+            const int32_t r = llama_memory_seq_merge(X.ctx, 0, n_keep, n_past, n_free, &p, nullptr);
             if (r < 0) {
                 st.fallbacks++;
                 st.last_refusal = r;
@@ -929,6 +966,7 @@ int main(int argc, char ** argv) {
         else if (a == "--methods") o.methods = split(next(), ',');
         else if (a == "--tasks") o.tasks = split(next(), ',');
         else if (a == "--pk-window") o.pk_W = atoi(next().c_str());
+        else if (a == "--retr-keep") { const std::string v = next(); o.retr_keep = v == "header" ? -1 : atoi(v.c_str()); }
         else if (a == "--pk-keys") o.pk_keys = atoi(next().c_str());
         else if (a == "--pk-depths") { o.pk_depths.clear(); for (double d : parse_doubles(next())) o.pk_depths.push_back((int) d); }
         else if (a == "--pk-budgets") o.pk_budgets = parse_doubles(next());
@@ -1061,12 +1099,17 @@ int main(int argc, char ** argv) {
     R.passkey.path = o.out + "/passkey.csv";
     R.kvqa.path = o.out + "/kvqa.csv";
     R.methods.path = o.out + "/methods.csv";
+    NllDump nll_dump;
+    nll_dump.path = o.out + "/nll.bin";
+    nll_dump.index.path = o.out + "/nll_index.csv";
     for (const auto & m : methods) {
+        const kvm_params kp = kvm_params_of(m.p, m);
         R.methods.add(Row().s("name", m.name).s("group", m.group).s("desc", m.desc)
             .i("method", m.is_full ? -1 : m.is_shift ? -2 : m.p.method).i("n_sink", m.p.n_sink).i("n_recent", m.p.n_recent).f("recent_frac", m.recent_frac, 3)
             .f("heavy_frac", m.p.heavy_frac, 3).f("sim_floor", m.p.sim_floor, 2).i("value_mode", m.p.value_mode)
             .i("merge_keys", m.p.merge_keys).i("merge_values", m.p.merge_values).i("use_attn", m.p.use_attn)
-            .i("calib", m.calib).s("missing", m.missing));
+            .i("calib", m.calib).f("age_bias", kp.age_bias, 2).i("max_set", kp.max_set)
+            .i("max_count", kp.max_count).i("sigma_mode", kp.sigma_mode).s("missing", m.missing));
     }
     const double t_start = now_ms();
 
@@ -1130,6 +1173,7 @@ int main(int argc, char ** argv) {
                     long n_sc = 0;
                     for (int t = C; t < N; ++t) { sum_full += nll_full[t]; n_sc++; }
                     const double ppl_full = std::exp(sum_full / n_sc);
+                    nll_dump.add(tname, w, b, C, full_m->name, std::vector<float>(nll_full.begin() + C, nll_full.end()));
                     double ppl_shift = NAN;
 
                     auto emit = [&](const Method & m, double ppl, const Stats & st, double tps, int Cm, int n_alloc) {
@@ -1168,8 +1212,15 @@ int main(int argc, char ** argv) {
                         Feeder f(M, X, m, o, C);
                         double sum = 0;
                         long cnt = 0;
+                        std::vector<float> nll;
                         feed_with_prefix(f, pre, win, N, [&](int t) { return t + 1 >= C && t + 1 < N; },
-                                         [&](int t, const float * l) { sum += nll_of(l, M.n_vocab, win[t + 1]); cnt++; });
+                                         [&](int t, const float * l) {
+                                             const double x = nll_of(l, M.n_vocab, win[t + 1]);
+                                             sum += x;
+                                             cnt++;
+                                             nll.push_back((float) x);
+                                         });
+                        nll_dump.add(tname, w, b, C, m.name, nll);
                         Stats st = f.st;
                         // decode speed at the document's end, same capacity
                         for (int g = 0; g < o.n_gen_bench; ++g) {
@@ -1198,7 +1249,9 @@ int main(int argc, char ** argv) {
     struct Query { std::vector<llama_token> toks; std::string answer; int depth; std::string key; };
 
     // runs one haystack + queries for every method and budget; callback per (method, budget, query)
-    auto run_trials = [&](const std::vector<llama_token> & hay, const std::vector<Query> & qs, const std::vector<double> & budgets,
+    // n_head: tokens of the prompt's header (the instruction), kept like llama-passkey keeps its
+    // prefix (--retr-keep header, the default) or o.retr_keep tokens
+    auto run_trials = [&](const std::vector<llama_token> & hay, int n_head, const std::vector<Query> & qs, const std::vector<double> & budgets,
                           int n_gen, const std::function<void(const Method &, double, int, const Query &, bool, const std::string &, const Stats &)> & cb) {
         // common prefix of the queries: decoded once after the haystack (this also applies the
         // pending K-shift of the last compression), then the state is saved and each query runs from it
@@ -1226,6 +1279,7 @@ int main(int argc, char ** argv) {
                 auto XG = new_ctx(M, C, o.B);
                 Ctx & X = XG->c;
                 Feeder f(M, X, m, o, C);
+                f.n_keep = o.retr_keep < 0 ? n_head : o.retr_keep;
                 feed_with_prefix(f, pre, hay, N, nullptr, nullptr);
                 if (!full) f.compress((int) qmax + n_gen);
                 if (cp > 0) f.feed(qs[0].toks.data(), (int) cp, nullptr, nullptr);
@@ -1258,7 +1312,9 @@ int main(int argc, char ** argv) {
     if (has_task("passkey")) {
         printf("\n== passkey: haystack %d tokens, depths", o.pk_W);
         for (int d : o.pk_depths) printf(" %d%%", d);
-        printf(", %d key(s) per depth\n", o.pk_keys);
+        const std::string head = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about it.\n\n";
+        const auto th = tokenize(M, head, M.add_bos);
+        printf(", %d key(s) per depth; kept at the start: %d tokens\n", o.pk_keys, o.retr_keep < 0 ? (int) th.size() : o.retr_keep);
         printf("%-8s %5s %6s %-22s %3s %7s  %s\n", "text", "depth", "budget", "method", "ok", "key", "answer");
         fflush(stdout);
         const int n_texts = std::min<int>(o.pk_texts, (int) T.size());
@@ -1267,9 +1323,7 @@ int main(int argc, char ** argv) {
             for (int d : o.pk_depths) {
                 for (int k = 0; k < o.pk_keys; ++k) {
                     const std::string key = std::to_string(10000 + rng() % 90000);
-                    const std::string head = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about it.\n\n";
                     const std::string needle = "\nThe pass key is " + key + ". Remember it. " + key + " is the pass key.\n";
-                    auto th = tokenize(M, head, M.add_bos);
                     auto tn = tokenize(M, needle, false);
                     Query q;
                     q.toks = tokenize(M, "\n\nWhat is the pass key? The pass key is", false);
@@ -1283,7 +1337,7 @@ int main(int argc, char ** argv) {
                     hay.insert(hay.end(), filler.begin(), filler.begin() + at);
                     hay.insert(hay.end(), tn.begin(), tn.end());
                     hay.insert(hay.end(), filler.begin() + at, filler.end());
-                    run_trials(hay, {q}, o.pk_budgets, o.pk_gen,
+                    run_trials(hay, (int) th.size(), {q}, o.pk_budgets, o.pk_gen,
                         [&](const Method & m, double b, int C, const Query & qq, bool ok, const std::string & ans, const Stats & st) {
                             std::string a1 = ans;
                             std::replace(a1.begin(), a1.end(), '\n', ' ');
@@ -1305,7 +1359,9 @@ int main(int argc, char ** argv) {
     if (has_task("kvqa")) {
         static const char * words[] = {"apple", "river", "candle", "mirror", "garden", "rocket", "violin", "tiger", "castle",
                                        "pencil", "island", "helmet", "lantern", "coffee", "dragon", "window", "basket", "planet"};
-        printf("\n== kv retrieval: haystack %d tokens, %d pairs, %d trial(s) per text\n", o.qa_W, o.qa_pairs, o.qa_trials);
+        const auto th = tokenize(M, "Below is a text with some codes in it. Remember every code.\n\n", M.add_bos);
+        printf("\n== kv retrieval: haystack %d tokens, %d pairs, %d trial(s) per text; kept at the start: %d tokens\n", o.qa_W,
+               o.qa_pairs, o.qa_trials, o.retr_keep < 0 ? (int) th.size() : o.retr_keep);
         printf("%-8s %5s %6s %-22s %7s\n", "text", "trial", "budget", "method", "correct");
         fflush(stdout);
         for (int ti = 0; ti < std::min<int>(o.qa_texts, (int) T.size()); ++ti) {
@@ -1322,7 +1378,6 @@ int main(int argc, char ** argv) {
                     lines.push_back(tokenize(M, "\nThe code for " + w + " is " + codes.back() + ".\n", false));
                     n_lines += (int) lines.back().size();
                 }
-                auto th = tokenize(M, "Below is a text with some codes in it. Remember every code.\n\n", M.add_bos);
                 std::vector<Query> qs;
                 size_t qmax = 0;
                 for (size_t j = 0; j < ws.size(); ++j) {
@@ -1347,7 +1402,7 @@ int main(int argc, char ** argv) {
                 hay.insert(hay.end(), filler.begin() + prev, filler.end());
                 std::map<std::string, std::pair<int, int>> acc; // method@budget -> (ok, n)
                 std::vector<std::string> order;
-                run_trials(hay, qs, o.qa_budgets, o.qa_gen,
+                run_trials(hay, (int) th.size(), qs, o.qa_budgets, o.qa_gen,
                     [&](const Method & m, double b, int C, const Query & qq, bool ok, const std::string & ans, const Stats & st) {
                         std::string a1 = ans;
                         std::replace(a1.begin(), a1.end(), '\n', ' ');
@@ -1386,7 +1441,7 @@ int main(int argc, char ** argv) {
             const double b = atof(k["budget"].c_str());
             if (std::find(bs.begin(), bs.end(), b) == bs.end()) bs.push_back(b);
             const std::string key = k["text"] + "|" + k["method"] + "|" + fmt("%.3f", b);
-            P[key].push_back(atof(k["ppl"].c_str()));
+            P[key].push_back(k["ppl"].empty() ? NAN : atof(k["ppl"].c_str())); // empty: NaN logits
             if (!k["gap_closed"].empty()) G[key].push_back(atof(k["gap_closed"].c_str()));
         }
         std::sort(bs.begin(), bs.end());

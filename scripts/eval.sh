@@ -12,10 +12,11 @@
 # Steps: build the patched llama.cpp only if its tools are missing (scripts/build-llama.sh),
 # build the harness (scripts/build-eval.sh), fetch the model (scripts/fetch-model.sh), prepare two
 # long texts any Debian machine with Python has (the GPL-3 text and the prose of Python's
-# pydoc topics), run, plot (installs matplotlib with pip if missing).
+# pydoc topics), run, plot (installs matplotlib with pip if missing), intervals (eval/ci.py).
 #
 # Results: results/<run>/ (ppl.csv, passkey.csv, kvqa.csv, methods.csv, results.json, *.png,
-# log.txt). Env: KVM_RUN (run name, default short|full), KVM_THREADS (default 2), KVM_MODEL.
+# log.txt, nll.bin + nll_index.csv, and from eval/ci.py ci.txt, ci.csv, cmp.csv).
+# Env: KVM_RUN (run name, default short|full), KVM_THREADS (default 2), KVM_MODEL.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -88,4 +89,7 @@ echo "eval: $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt" >&2
 # 6. plots
 python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
 python3 eval/plot.py "$OUT"
+if [ -f "$OUT/nll_index.csv" ]; then
+    python3 eval/ci.py "$OUT" | tee "$OUT/ci.txt"
+fi
 echo "eval: results in $OUT" >&2

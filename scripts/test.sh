@@ -24,6 +24,9 @@ cargo test --quiet
 say "the whole pipeline on the scalar kernels"
 KVM_FORCE_SCALAR=1 cargo test --quiet --test plan_props --test merge_math
 
+say "eval/ci.py (the harness's intervals) on synthetic NLLs"
+python3 tests/eval_ci.py
+
 say "SIMD property tests built with AVX2/FMA/F16C enabled at compile time"
 RUSTFLAGS="-C target-feature=+avx2,+fma,+f16c" CARGO_TARGET_DIR=target/avx2 cargo test --quiet --test simd_props
 
