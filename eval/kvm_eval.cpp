@@ -187,6 +187,7 @@ struct NllDump {
     void add(const std::string & text, int w, double b, int first_pos, const std::string & method, const std::vector<float> & v) {
         FILE * f = fopen(path.c_str(), offset ? "ab" : "wb");
         if (!f) {
+            fprintf(stderr, "kvm_eval: cannot write %s, per-token NLLs not kept\n", path.c_str());
             return;
         }
         fwrite(v.data(), sizeof(float), v.size(), f);
@@ -866,6 +867,7 @@ static void write_json(const Opts & o, const Report & R, const std::vector<Metho
     }
     fprintf(f, "{\n\"model\": %s,\n\"mode\": %s,\n\"window\": %d,\n\"batch\": %d,\n\"n_keep\": %d,\n\"n_free\": %d,\n\"n_free_frac\": %.4f,\n\"threads\": %d,\n\"wall_s\": %.1f,\n",
             json_escape(o.model).c_str(), json_escape(o.full ? "full" : "short").c_str(), o.W, o.B, o.n_keep, o.n_free, o.n_free_frac, o.threads, wall_s);
+    fprintf(f, "\"retr_keep\": %s,\n", o.retr_keep < 0 ? "\"header\"" : std::to_string(o.retr_keep).c_str());
     fprintf(f, "\"methods\": %s,\n", methods_json(ms).c_str());
     fprintf(f, "\"ppl\": %s,\n", R.ppl.json().c_str());
     fprintf(f, "\"passkey\": %s,\n", R.passkey.json().c_str());
@@ -966,7 +968,16 @@ int main(int argc, char ** argv) {
         else if (a == "--methods") o.methods = split(next(), ',');
         else if (a == "--tasks") o.tasks = split(next(), ',');
         else if (a == "--pk-window") o.pk_W = atoi(next().c_str());
-        else if (a == "--retr-keep") { const std::string v = next(); o.retr_keep = v == "header" ? -1 : atoi(v.c_str()); }
+        else if (a == "--retr-keep") {
+            const std::string v = next();
+            char * end = nullptr;
+            const long n = v == "header" ? -1 : strtol(v.c_str(), &end, 10);
+            if (v != "header" && (v.empty() || *end != '\0' || n < 1 || n > 1000000)) {
+                fprintf(stderr, "kvm_eval: --retr-keep wants 'header' or a token count >= 1, not '%s'\n", v.c_str());
+                exit(1);
+            }
+            o.retr_keep = (int) n;
+        }
         else if (a == "--pk-keys") o.pk_keys = atoi(next().c_str());
         else if (a == "--pk-depths") { o.pk_depths.clear(); for (double d : parse_doubles(next())) o.pk_depths.push_back((int) d); }
         else if (a == "--pk-budgets") o.pk_budgets = parse_doubles(next());
