@@ -87,6 +87,15 @@ def cell(est, lo, hi):
     return "nan" if math.isnan(est) else f"{num(est)} [{num(lo)},{num(hi)}]"
 
 
+def pct(x):
+    # a mean NLL difference as a perplexity ratio in percent
+    return x if math.isnan(x) else 100 * math.expm1(x) if x < 700 else float("inf")
+
+
+def share(xs, pred):
+    return float("nan") if any(math.isnan(x) for x in xs) else sum(1 for x in xs if pred(x)) / len(xs)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir")
@@ -145,12 +154,21 @@ def main():
     groups += [("all", b) for b in budgets]
     members = lambda t, b: [k for k in keys if k[2] == b and (t == "all" or k[0] == t)]
 
+    def over_windows(ks, pt, rp):
+        # the mean over windows of a per-window value, and of its replicates (replicate r of
+        # every window together: the windows were resampled independently)
+        return mean([pt[k] for k in ks]), [mean([rp[k][r] for k in ks]) for r in range(a.reps)]
+
+    def diff_pair(pt, rp, ref, m, ks):
+        # per window: the reference's value minus the method's, and the same for each replicate
+        return ({k: pt[k + (ref,)] - pt[k + (m,)] for k in ks},
+                {k: [u - v for u, v in zip(rp[k + (ref,)], rp[k + (m,)])] for k in ks})
+
     def agg(m, ks):
         ks = [k for k in ks if k + (m,) in point]
         if not ks:
             return None
-        est = mean([point[k + (m,)] for k in ks])
-        rep = [mean([reps[k + (m,)][r] for k in ks]) for r in range(a.reps)]
+        est, rep = over_windows(ks, {k: point[k + (m,)] for k in ks}, {k: reps[k + (m,)] for k in ks})
         return est, rep, len(ks)
 
     ci_rows, cmp_rows = [], []
@@ -186,14 +204,10 @@ def main():
                 if not ks:
                     line += f" {'-':>28}"
                     continue
-                gd = mean([point[k + (a.ref,)] - point[k + (m,)] for k in ks])
-                grep_ = [mean([reps[k + (a.ref,)][r] - reps[k + (m,)][r] for k in ks]) for r in range(a.reps)]
+                gd, grep_ = over_windows(ks, *diff_pair(point, reps, a.ref, m, ks))
                 glo, ghi = quantiles(grep_)
-                ld = mean([npoint[k + (a.ref,)] - npoint[k + (m,)] for k in ks])
-                lrep = [mean([nrep[k + (a.ref,)][r] - nrep[k + (m,)][r] for k in ks]) for r in range(a.reps)]
+                ld, lrep = over_windows(ks, *diff_pair(npoint, nrep, a.ref, m, ks))
                 llo, lhi = quantiles(lrep)
-                pct = lambda x: x if math.isnan(x) else 100 * math.expm1(x) if x < 700 else float("inf")
-                share = lambda xs, f: float("nan") if any(math.isnan(x) for x in xs) else sum(1 for x in xs if f(x)) / len(xs)
                 better = share(lrep, lambda x: x < 0)
                 txt = "nan" if math.isnan(ld) else f"{pct(ld):+.1f}% [{pct(llo):+.1f},{pct(lhi):+.1f}] {better:3.0%}"
                 line += f" {txt:>28}"

@@ -1259,10 +1259,12 @@ int main(int argc, char ** argv) {
     // 2 + 3: retrieval trials (passkey, kv retrieval)
     struct Query { std::vector<llama_token> toks; std::string answer; int depth; std::string key; };
 
+    // tokens kept at the start of a retrieval prompt: its header (the instruction), as llama-passkey
+    // keeps its prefix (--retr-keep header, the default), or o.retr_keep tokens
+    auto retr_keep = [&](const std::vector<llama_token> & header) { return o.retr_keep < 0 ? (int) header.size() : o.retr_keep; };
+
     // runs one haystack + queries for every method and budget; callback per (method, budget, query)
-    // n_head: tokens of the prompt's header (the instruction), kept like llama-passkey keeps its
-    // prefix (--retr-keep header, the default) or o.retr_keep tokens
-    auto run_trials = [&](const std::vector<llama_token> & hay, int n_head, const std::vector<Query> & qs, const std::vector<double> & budgets,
+    auto run_trials = [&](const std::vector<llama_token> & hay, int n_keep, const std::vector<Query> & qs, const std::vector<double> & budgets,
                           int n_gen, const std::function<void(const Method &, double, int, const Query &, bool, const std::string &, const Stats &)> & cb) {
         // common prefix of the queries: decoded once after the haystack (this also applies the
         // pending K-shift of the last compression), then the state is saved and each query runs from it
@@ -1290,7 +1292,7 @@ int main(int argc, char ** argv) {
                 auto XG = new_ctx(M, C, o.B);
                 Ctx & X = XG->c;
                 Feeder f(M, X, m, o, C);
-                f.n_keep = o.retr_keep < 0 ? n_head : o.retr_keep;
+                f.n_keep = n_keep;
                 feed_with_prefix(f, pre, hay, N, nullptr, nullptr);
                 if (!full) f.compress((int) qmax + n_gen);
                 if (cp > 0) f.feed(qs[0].toks.data(), (int) cp, nullptr, nullptr);
@@ -1325,7 +1327,8 @@ int main(int argc, char ** argv) {
         for (int d : o.pk_depths) printf(" %d%%", d);
         const std::string head = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about it.\n\n";
         const auto th = tokenize(M, head, M.add_bos);
-        printf(", %d key(s) per depth; kept at the start: %d tokens\n", o.pk_keys, o.retr_keep < 0 ? (int) th.size() : o.retr_keep);
+        const int n_keep = retr_keep(th);
+        printf(", %d key(s) per depth; kept at the start: %d tokens\n", o.pk_keys, n_keep);
         printf("%-8s %5s %6s %-22s %3s %7s  %s\n", "text", "depth", "budget", "method", "ok", "key", "answer");
         fflush(stdout);
         const int n_texts = std::min<int>(o.pk_texts, (int) T.size());
@@ -1348,7 +1351,7 @@ int main(int argc, char ** argv) {
                     hay.insert(hay.end(), filler.begin(), filler.begin() + at);
                     hay.insert(hay.end(), tn.begin(), tn.end());
                     hay.insert(hay.end(), filler.begin() + at, filler.end());
-                    run_trials(hay, (int) th.size(), {q}, o.pk_budgets, o.pk_gen,
+                    run_trials(hay, n_keep, {q}, o.pk_budgets, o.pk_gen,
                         [&](const Method & m, double b, int C, const Query & qq, bool ok, const std::string & ans, const Stats & st) {
                             std::string a1 = ans;
                             std::replace(a1.begin(), a1.end(), '\n', ' ');
@@ -1371,8 +1374,9 @@ int main(int argc, char ** argv) {
         static const char * words[] = {"apple", "river", "candle", "mirror", "garden", "rocket", "violin", "tiger", "castle",
                                        "pencil", "island", "helmet", "lantern", "coffee", "dragon", "window", "basket", "planet"};
         const auto th = tokenize(M, "Below is a text with some codes in it. Remember every code.\n\n", M.add_bos);
+        const int n_keep = retr_keep(th);
         printf("\n== kv retrieval: haystack %d tokens, %d pairs, %d trial(s) per text; kept at the start: %d tokens\n", o.qa_W,
-               o.qa_pairs, o.qa_trials, o.retr_keep < 0 ? (int) th.size() : o.retr_keep);
+               o.qa_pairs, o.qa_trials, n_keep);
         printf("%-8s %5s %6s %-22s %7s\n", "text", "trial", "budget", "method", "correct");
         fflush(stdout);
         for (int ti = 0; ti < std::min<int>(o.qa_texts, (int) T.size()); ++ti) {
@@ -1413,7 +1417,7 @@ int main(int argc, char ** argv) {
                 hay.insert(hay.end(), filler.begin() + prev, filler.end());
                 std::map<std::string, std::pair<int, int>> acc; // method@budget -> (ok, n)
                 std::vector<std::string> order;
-                run_trials(hay, (int) th.size(), qs, o.qa_budgets, o.qa_gen,
+                run_trials(hay, n_keep, qs, o.qa_budgets, o.qa_gen,
                     [&](const Method & m, double b, int C, const Query & qq, bool ok, const std::string & ans, const Stats & st) {
                         std::string a1 = ans;
                         std::replace(a1.begin(), a1.end(), '\n', ' ');

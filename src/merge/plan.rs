@@ -14,10 +14,9 @@
 //! set longer than `max_set` cells or stand for more than `max_count` tokens, are skipped; when
 //! that leaves the budget unmet, whole unprotected sets are evicted, least attended (without
 //! attention: oldest) first, and reported as `n_evicted` (each evicted set frees one more cell
-//! than merging it did). In each
-//! merged set the pivot, the cell that survives, is the member with the most attention, or
-//! without attention the member nearest the set's mean key. Ties always go to the older cell
-//! so the plan is a pure function of its inputs.
+//! than merging it did). In each merged set the pivot, the cell that survives, is the member
+//! with the most attention, or without attention the member nearest the set's mean key. Ties
+//! always go to the older cell so the plan is a pure function of its inputs.
 
 use super::calib::Calib;
 use super::scores;
@@ -338,7 +337,8 @@ fn kvmerger<L: LayerRows + Sync>(
         sets.last_mut().expect("a set was started").push(i);
     }
 
-    // Budget not met (floor, max_set or max_count): evict whole unprotected sets, least attended first.
+    // Budget not met (floor, max_set or max_count): evict whole unprotected sets, least
+    // attended first.
     let mut evicted = vec![false; sets.len()];
     let short = n_free - taken;
     if short > 0 {
