@@ -368,6 +368,25 @@ static std::vector<Method> make_methods(int threads) {
         [&](auto & p) { best_p(p); p.merge_keys = false; p.merge_values = false; });
     add("abl_best_logbias", "ablation", "best, ln(count) in the KQ mask",
         [&](auto & p) { best_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+    // best's kernel weights are all but the pivot's: for a pair, 2σ² = d̄² with d̄ = d/2 gives the
+    // other member exp(−4) ≈ 0.018 of the pivot's weight (times its count), whatever d is, so
+    // best is near thinning. These rows average for real at the same positions: σ fixed far
+    // above any key distance, w ∝ count (the mean of the tokens the pair stands for), with and
+    // without ln(count) in the mask and the pivot's key
+    const auto mean_w = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_FIXED; k.sigma = 1e4f; };
+    add("abl_best_mean", "ablation", "best's pairs, count-weighted mean of keys and values (sigma 1e4)", best_p);
+    ms.back().kvm_set = mean_w;
+    add("abl_best_mean_lb", "ablation", "best's pairs, count-weighted mean, ln(count) in the KQ mask",
+        [&](auto & p) { best_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+    ms.back().kvm_set = mean_w;
+    add("abl_best_mean_kk", "ablation", "best's pairs, the pivot's key, count-weighted mean of values",
+        [&](auto & p) { best_p(p); p.merge_keys = false; });
+    ms.back().kvm_set = mean_w;
+    add("abl_best_mean_kk_lb", "ablation", "best's pairs, the pivot's key, count-weighted mean of values, ln(count) in the KQ mask",
+        [&](auto & p) { best_p(p); p.merge_keys = false; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+    ms.back().kvm_set = mean_w;
+    add("abl_best_thin_lb", "ablation", "best's pairs, only the pivot kept, ln(count) in the KQ mask (the pivot speaks for the tokens dropped beside it)",
+        [&](auto & p) { best_p(p); p.merge_keys = false; p.merge_values = false; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
     add("abl_best_attn100", "ablation", "best with attention from the query ring: pivots by attention, 5% heavy hitters",
         [&](auto & p) { best_p(p); p.use_attn = true; });
     add("abl_best_age1", "ablation", "the previous best: best with age_bias 1 (similarity and age weigh alike)", age1_p);
