@@ -373,18 +373,21 @@ static std::vector<Method> make_methods(int threads) {
     // best is near thinning. These rows average for real at the same positions: σ fixed far
     // above any key distance, w ∝ count (the mean of the tokens the pair stands for), with and
     // without ln(count) in the mask and the pivot's key
-    const auto mean_w = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_FIXED; k.sigma = 1e4f; };
-    add("abl_best_mean", "ablation", "best's pairs, count-weighted mean of keys and values (sigma 1e4)", best_p);
-    ms.back().kvm_set = mean_w;
-    add("abl_best_mean_lb", "ablation", "best's pairs, count-weighted mean, ln(count) in the KQ mask",
-        [&](auto & p) { best_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    ms.back().kvm_set = mean_w;
-    add("abl_best_mean_kk", "ablation", "best's pairs, the pivot's key, count-weighted mean of values",
-        [&](auto & p) { best_p(p); p.merge_keys = false; });
-    ms.back().kvm_set = mean_w;
-    add("abl_best_mean_kk_lb", "ablation", "best's pairs, the pivot's key, count-weighted mean of values, ln(count) in the KQ mask",
-        [&](auto & p) { best_p(p); p.merge_keys = false; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    ms.back().kvm_set = mean_w;
+    for (bool keep_key : {false, true}) {
+        for (bool logbias : {false, true}) {
+            add(fmt("abl_best_mean%s%s", keep_key ? "_kk" : "", logbias ? "_lb" : ""), "ablation",
+                fmt("best's pairs, %s, count-weighted mean of values (sigma 1e4)%s",
+                    keep_key ? "the pivot's key" : "count-weighted mean of keys", logbias ? ", ln(count) in the KQ mask" : ""),
+                [&, keep_key, logbias](auto & p) {
+                    best_p(p);
+                    p.merge_keys = !keep_key;
+                    if (logbias) {
+                        p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS;
+                    }
+                });
+            ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_FIXED; k.sigma = 1e4f; };
+        }
+    }
     add("abl_best_thin_lb", "ablation", "best's pairs, only the pivot kept, ln(count) in the KQ mask (the pivot speaks for the tokens dropped beside it)",
         [&](auto & p) { best_p(p); p.merge_keys = false; p.merge_values = false; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
     add("abl_best_attn100", "ablation", "best with attention from the query ring: pivots by attention, 5% heavy hitters",
