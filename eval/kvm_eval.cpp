@@ -472,7 +472,7 @@ static std::vector<Method> make_methods(int threads) {
     add("abl_ef_attnw", "ablation", "EVICT_FOLD, members weighted by accumulated attention", nullptr);
     ms.back().kvm_set = [](kvm_params & k) { k.method = KVM_METHOD_EVICT_FOLD; k.sigma_mode = KVM_SIGMA_ATTENTION; };
     // what EVICT_FOLD's folding itself adds at H2O's positions: the same sets with only each
-    // pivot kept (H2O but for sets whose most attended member is not the survivor), the
+    // pivot kept (an EVICT_FOLD set's pivot is its survivor, so this is H2O, bit for bit), the
     // survivor's key with values averaged, and the plain count-weighted mean
     add("abl_ef_pivot_only", "ablation", "EVICT_FOLD sets, keep only the pivot (no averaging): eviction at H2O's positions",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; p.merge_keys = false; p.merge_values = false; });
