@@ -382,6 +382,7 @@ static std::vector<Method> make_methods(int threads) {
     // best is near thinning. These rows average for real at the same positions: σ fixed far
     // above any key distance, w ∝ count (the mean of the tokens the pair stands for), with and
     // without ln(count) in the mask and the pivot's key
+    const auto mean_w = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_FIXED; k.sigma = 1e4f; };
     for (bool keep_key : {false, true}) {
         for (bool logbias : {false, true}) {
             add(fmt("abl_best_mean%s%s", keep_key ? "_kk" : "", logbias ? "_lb" : ""), "ablation",
@@ -394,7 +395,7 @@ static std::vector<Method> make_methods(int threads) {
                         p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS;
                     }
                 });
-            ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_FIXED; k.sigma = 1e4f; };
+            ms.back().kvm_set = mean_w;
         }
     }
     add("abl_best_thin_lb", "ablation", "best's pairs, only the pivot kept, ln(count) in the KQ mask (the pivot speaks for the tokens dropped beside it)",
@@ -475,12 +476,11 @@ static std::vector<Method> make_methods(int threads) {
     // pivot kept (an EVICT_FOLD set's pivot is its survivor, so this is H2O, bit for bit), the
     // survivor's key with values averaged, and the plain count-weighted mean
     add("abl_ef_pivot_only", "ablation", "EVICT_FOLD sets, keep only the pivot (no averaging): eviction at H2O's positions",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; p.merge_keys = false; p.merge_values = false; });
+        [&](auto & p) { ef_p(p); p.merge_keys = false; p.merge_values = false; });
     add("abl_ef_keepkey", "ablation", "EVICT_FOLD, keys not averaged (the pivot's key), values averaged",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; p.merge_keys = false; });
-    add("abl_ef_mean", "ablation", "EVICT_FOLD sets, count-weighted mean of keys and values (sigma 1e4)",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; });
-    ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_FIXED; k.sigma = 1e4f; };
+        [&](auto & p) { ef_p(p); p.merge_keys = false; });
+    add("abl_ef_mean", "ablation", "EVICT_FOLD sets, count-weighted mean of keys and values (sigma 1e4)", ef_p);
+    ms.back().kvm_set = mean_w;
     add("abl_h2o_rc", "ablation", "H2O, recent = capacity/8", [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_H2O; });
     ms.back().recent_frac = 0.125f;
     add("abl_ef_attnw_rc", "ablation", "EVICT_FOLD, attention weights, recent = capacity/8", nullptr);
