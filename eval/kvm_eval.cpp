@@ -316,6 +316,9 @@ static std::vector<Method> make_methods(int threads) {
     std::vector<Method> ms;
     auto base = [&]() {
         llama_kv_merge_params p = llama_kv_merge_default_params();
+        // every row starts from KVMerger (the default before EVICT_FOLD), so that the ablations,
+        // which only change what they ablate, keep the bits of the committed results
+        p.method    = LLAMA_KV_MERGE_METHOD_KVMERGER;
         p.n_threads = threads;
         return p;
     };

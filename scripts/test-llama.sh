@@ -7,8 +7,9 @@
 #       identical logits; kvm_params override; refusals (-3 on shared cells / pending K-shift, -2 bad args);
 #       calibration profiles (llama_memory_seq_merge_calibrate, calib_path)
 #   (a) llama-completion -c 256 --context-shift --kv-merge -n 700 (-fa on and off, on with the profile of (b)
-#       through --kv-merge-calib, and on with the flags of the best configuration): merges happen, the cache never
-#       grows past its cells, the text stays text, the merge logs the parameters and profile the flags set
+#       through --kv-merge-calib, and on with the flags of the age-pairs configuration `best`): merges happen, the
+#       cache never grows past its cells, the text stays text, the merge logs the parameters and profile the flags
+#       set (the default method, EVICT_FOLD, without flags)
 #   (c) llama-server -np 2 --kv-merge: two long concurrent /completion requests each equal the request run alone
 #   (d) bad --kv-merge-* flags exit non-zero with a message naming the flag, no signal
 # Each check prints PASS/FAIL with a reason; the last line is "N passed, M failed"; exit 1 on any failure.
@@ -140,18 +141,19 @@ print(f"{n} chars, {pr:.0%} printable, {words} distinct words")
 PY
 }
 
-# the flags of the README's best configuration
-BEST=(--kv-merge-pivot query-free --kv-merge-age-bias 100 --kv-merge-max-set 2)
+# the flags of the evaluation's `best` (the age-pairs KVMerger configuration); the profile and these flags
+# steer KVMerger's link scores, which the default method (EVICT_FOLD) does not read
+BEST=(--kv-merge-method kvmerger --kv-merge-pivot query-free --kv-merge-age-bias 100 --kv-merge-max-set 2)
 for run in on off calib best; do
     fa="$run"; extra=()
     if [ "$run" = calib ]; then
-        fa=on; extra=(--kv-merge-calib "$WORK/rt.profile")
+        fa=on; extra=(--kv-merge-method kvmerger --kv-merge-calib "$WORK/rt.profile")
         [ -f "$WORK/rt.profile" ] || { fail "(a) --kv-merge-calib" "no profile from (b)"; continue; }
     elif [ "$run" = best ]; then
         fa=on; extra=("${BEST[@]}")
     fi
     # -lv 4 shows libllama's info lines, among them the parameters of the merge context
-    lv=(); [ ${#extra[@]} -gt 0 ] && lv=(-lv 4)
+    lv=(-lv 4)
     name="(a) completion -c 256 --context-shift --kv-merge -n 700 -fa $fa${extra:+ ${extra[*]}}"
     [ "$run" = calib ] && name="$name (profile of (b))"
     out="$WORK/compl-$run.txt"; log="$WORK/compl-$run.log"
@@ -181,7 +183,9 @@ for run in on off calib best; do
         fail "$name" "output is not text: $why"
     elif [ "$run" = best ] && ! grep -q 'kvmerger: method 0, .*pivot query-free, .*age_bias 100, max_set 2,' "$log"; then
         fail "$name" "the flags did not reach the merge: $(grep -m 1 'kvmerger: method' "$log")"
-    elif [ "$run" = calib ] && ! grep -q "kvmerger: method .*, profile $WORK/rt.profile" "$log"; then
+    elif [ "$run" = on ] && ! grep -q 'kvmerger: method 5, ' "$log"; then
+        fail "$name" "the merge did not run the default method EVICT_FOLD (5): $(grep -m 1 'kvmerger: method' "$log")"
+    elif [ "$run" = calib ] && ! grep -q "kvmerger: method 0, .*, profile $WORK/rt.profile" "$log"; then
         fail "$name" "the profile did not reach the merge: $(grep -m 1 'kvmerger: method' "$log")"
     else
         pass "$name" "$n_merge merges ($(printf '%s\n' "$merges" | head -n 1 | awk '{print $1 " -> " $2}'), all before <= $n_ctx, after < before), $why, ${dt}s"

@@ -331,7 +331,10 @@ fn status_strings_and_info() {
     assert_eq!(kvm_abi_version(), KVM_ABI_VERSION);
     assert_eq!(kvm_has_cuda(), cfg!(feature = "cuda"));
     let d = kvm_params_default();
-    assert_eq!((d.method, d.n_sink, d.n_recent), (0, 4, 32));
+    assert_eq!(
+        (d.method, d.n_sink, d.n_recent),
+        (kvm_method::KVM_METHOD_EVICT_FOLD as i32, 4, 32)
+    );
     let ctx = Ctx::new(&d);
     let mut back = kvm_params_default();
     back.n_sink = 99;

@@ -67,7 +67,8 @@ pub enum kvm_value_mode {
 pub struct kvm_params {
     /// Threads of the ctx's own pool; 0 = one per CPU. Default 0.
     pub n_threads: u32,
-    /// A `kvm_method`. Default KVM_METHOD_KVMERGER.
+    /// A `kvm_method`. Default KVM_METHOD_EVICT_FOLD (the method that kept the most in our
+    /// measurements; KVM_METHOD_KVMERGER is the paper's).
     pub method: i32,
     /// First cells of the window never freed (attention sinks). Default 4.
     pub n_sink: u32,

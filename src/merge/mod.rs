@@ -96,10 +96,15 @@ pub struct Params {
     pub cam_span: usize,
 }
 
+// EVICT_FOLD is the default because it kept the most of the merging methods on both models
+// measured (results/evict-fold): against KVMerger as we read it, 5.2 % / 3.0 % lower perplexity
+// on SmolLM2 and 4.9 % / 2.7 % on held-out Qwen2.5-Coder windows at 35 % / 50 % of the cache.
+// The other fields are KVMerger's, so a host that sets `method` to KvMerger gets the reading
+// of method.md unchanged.
 impl Default for Params {
     fn default() -> Self {
         Params {
-            method: Method::KvMerger,
+            method: Method::EvictFold,
             n_sink: 4,
             n_recent: 32,
             heavy_frac: 0.05,

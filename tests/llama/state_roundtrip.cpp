@@ -17,6 +17,8 @@
 // 4. calibration: llama_memory_seq_merge_calibrate writes a profile of every layer without touching the cache,
 //    llama_kv_merge_params.calib_path changes which cells a merge frees, and a missing or ill-fitting profile
 //    is refused (-2) with the cache unchanged.
+// 0. llama_kv_merge_default_params() and kvm_params_default() agree (the patch writes its defaults out
+//    rather than reading ours, so a change of the library default must be made in both).
 // Prints PASS/FAIL lines; exit code 0 only if all passed.
 
 #include "llama.h"
@@ -127,6 +129,23 @@ int main(int argc, char ** argv) {
 
     llama_log_set(quiet_log, nullptr);
     llama_backend_init();
+
+    // ---------------------------------------------------------------- 0. the two defaults agree
+    {
+        const llama_kv_merge_params l = llama_kv_merge_default_params();
+        const kvm_params k = kvm_params_default();
+        const bool same = l.method == (int32_t) k.method && l.n_sink == (int32_t) k.n_sink &&
+                l.n_recent == (int32_t) k.n_recent && l.heavy_frac == k.heavy_frac && l.sim_floor == k.sim_floor &&
+                l.value_mode == (int32_t) k.value_mode && l.merge_keys == k.merge_keys &&
+                l.merge_values == k.merge_values && l.use_attn == (k.pivot == KVM_PIVOT_ATTENTION) &&
+                l.age_bias == k.age_bias && l.max_set == (int32_t) k.max_set;
+        check(same && l.method == LLAMA_KV_MERGE_METHOD_EVICT_FOLD,
+                fmt("[%s] llama_kv_merge_default_params() = kvm_params_default(), method EVICT_FOLD", tag).c_str(),
+                fmt("method %d/%d, sinks %d/%u, recent %d/%u, heavy %g/%g, floor %g/%g, value %d/%d, age %g/%g, max_set %d/%u",
+                    l.method, (int) k.method, l.n_sink, k.n_sink, l.n_recent, k.n_recent, l.heavy_frac, k.heavy_frac,
+                    l.sim_floor, k.sim_floor, l.value_mode, (int) k.value_mode, l.age_bias, k.age_bias, l.max_set,
+                    k.max_set));
+    }
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
@@ -322,21 +341,24 @@ int main(int argc, char ** argv) {
 
         // the llama fields age_bias, max_set and use_attn (what --kv-merge-age-bias, --kv-merge-max-set and
         // --kv-merge-pivot set) free the same cells as the same values through kvm_params, and other cells
-        // than the defaults
+        // than KVMerger's defaults (the method whose link scores read age_bias and max_set)
         auto freed_by = [&](const llama_kv_merge_params & mp, int32_t & ret) {
             return freed_by_merge(model, fa, first, mp, 40, ret);
         };
         llama_kv_merge_params lf = llama_kv_merge_default_params();
+        lf.method   = LLAMA_KV_MERGE_METHOD_KVMERGER;
         lf.use_attn = false;
         lf.age_bias = 100.0f;
         lf.max_set  = 2;
         kvm_params kf = kvm_params_default();
+        kf.method   = KVM_METHOD_KVMERGER;
         kf.pivot    = KVM_PIVOT_QUERY_FREE;
         kf.age_bias = 100.0f;
         kf.max_set  = 2;
         llama_kv_merge_params lk = llama_kv_merge_default_params();
         lk.kvm_params = &kf;
         llama_kv_merge_params ld = llama_kv_merge_default_params();
+        ld.method   = LLAMA_KV_MERGE_METHOD_KVMERGER;
         ld.use_attn = false;
         llama_kv_merge_params l1 = lf;
         l1.max_set = 1; // no merge is possible: refused
@@ -418,8 +440,10 @@ int main(int argc, char ** argv) {
                 fmt("[%s] llama_memory_seq_merge_calibrate writes a profile of every layer, cache unchanged", tag).c_str(),
                 fmt("returned %d, %d layer lines of %d, state %s", n_obs, n_layer_lines, n_layer, before == after ? "same" : "changed"));
 
-        // the same merge with and without the profile: both free 20 cells, the profile changes which
+        // the same KVMerger merge with and without the profile (only its link scores read one): both free 20
+        // cells, the profile changes which
         llama_kv_merge_params mpar = llama_kv_merge_default_params();
+        mpar.method    = LLAMA_KV_MERGE_METHOD_KVMERGER;
         mpar.n_threads = 1;
         int32_t r_plain = 0;
         const std::vector<llama_pos> freed_plain = freed_by_merge(model, fa, first, mpar, 20, r_plain);
