@@ -446,6 +446,8 @@ static std::vector<Method> make_methods(int threads) {
         ef_p);
     add("abl_evict_fold_floor", "ablation", "EVICT_FOLD, fold only above cosine 0.75",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; p.sim_floor = 0.75f; });
+    add("abl_ef_floor_90", "ablation", "EVICT_FOLD, fold only above cosine 0.9 (evict the rest)",
+        [&](auto & p) { ef_p(p); p.sim_floor = 0.9f; });
     add("abl_evict_fold_keepkey", "ablation", "EVICT_FOLD, recent 256, keys not averaged",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; p.n_recent = 256; p.merge_keys = false; });
     add("abl_heavy_0", "ablation", "kvmerger, no heavy hitters protected",
@@ -484,6 +486,9 @@ static std::vector<Method> make_methods(int threads) {
         [&](auto & p) { ef_p(p); p.merge_keys = false; });
     add("abl_ef_mean", "ablation", "EVICT_FOLD sets, count-weighted mean of keys and values (sigma 1e4)", ef_p);
     ms.back().kvm_set = mean_w;
+    // a folded survivor stands for count tokens: ln(count) in its KQ mask gives it their attention mass
+    add("abl_ef_logbias", "ablation", "EVICT_FOLD, ln(count) in the KQ mask",
+        [&](auto & p) { ef_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
     add("abl_h2o_rc", "ablation", "H2O, recent = capacity/8", [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_H2O; });
     ms.back().recent_frac = 0.125f;
     add("abl_ef_attnw_rc", "ablation", "EVICT_FOLD, attention weights, recent = capacity/8", nullptr);

@@ -370,3 +370,72 @@ fn h2o_drops_the_least_attended() {
     want.sort();
     assert_eq!(out.freed, want);
 }
+
+#[test]
+fn evict_fold_floor_evicts_what_it_would_not_fold() {
+    // EVICT_FOLD frees H2O's cells whatever the floor; the floor only decides whether a freed
+    // cell is folded into a neighbour or evicted. At 1.0 (nothing that similar) every freed
+    // cell is evicted and the plan is H2O's; with no floor every freed cell has a neighbour here.
+    let mut cache = Cache::new(&Shape::small(GgmlType::F32, GgmlType::F32, false), 8);
+    let views = cache.views();
+    let cells: Vec<u32> = (0..64).collect();
+    let attn: Vec<f32> = (0..64).map(|i| ((i * 37) % 64) as f32).collect();
+    let plan = |method: kvm_method, floor: f32| {
+        let mut p = params(method);
+        p.sim_floor = floor;
+        let out = run_plan(&Ctx::new(&p), &views, &cells, Some(&attn), None, 12, false).unwrap();
+        check_invariants(&p, &cells, Some(&attn), None, 12, &out);
+        out
+    };
+    let h2o = plan(kvm_method::KVM_METHOD_H2O, -2.0);
+    let none = plan(kvm_method::KVM_METHOD_EVICT_FOLD, -2.0);
+    let all = plan(kvm_method::KVM_METHOD_EVICT_FOLD, 1.0);
+    assert_eq!(none.freed, h2o.freed);
+    assert_eq!(all.freed, h2o.freed);
+    assert_eq!(none.n_evicted, 0, "no floor: every freed cell folded");
+    assert_eq!(all.n_evicted, 12, "floor 1.0: every freed cell evicted");
+    assert_eq!(all.set_of, h2o.set_of, "floor 1.0: H2O's plan");
+    // A floor between the two, the median of the cosines the folds had without one: every cell
+    // folded is at least that similar to its survivor (the mean over layers and heads of the
+    // cosine, as the plan scores it), and the floor bites on some cells but not all.
+    let cos = |a: usize, b: usize| {
+        let mut sum = 0f64;
+        let mut n = 0;
+        for l in &cache.layers {
+            for h in 0..l.n_head {
+                let (x, y) = (l.get_k(a, h), l.get_k(b, h));
+                let dot: f64 = x.iter().zip(&y).map(|(&u, &v)| u as f64 * v as f64).sum();
+                let nx: f64 = x.iter().map(|&u| u as f64 * u as f64).sum::<f64>().sqrt();
+                let ny: f64 = y.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                sum += dot / (nx * ny);
+                n += 1;
+            }
+        }
+        sum / n as f64
+    };
+    let folds = |out: &PlanOut| -> Vec<f64> {
+        (0..64)
+            .filter(|&i| {
+                let s = out.set_of[i];
+                s != KVM_EVICTED && out.survivor[s as usize] != i as u32
+            })
+            .map(|i| cos(i, out.survivor[out.set_of[i] as usize] as usize))
+            .collect()
+    };
+    let mut c0 = folds(&none);
+    c0.sort_by(f64::total_cmp);
+    let floor = c0[c0.len() / 2] as f32;
+    let mut p = params(kvm_method::KVM_METHOD_EVICT_FOLD);
+    p.sim_floor = floor;
+    let mid = run_plan(&Ctx::new(&p), &views, &cells, Some(&attn), None, 12, false).unwrap();
+    check_invariants(&p, &cells, Some(&attn), None, 12, &mid);
+    assert_eq!(mid.freed, h2o.freed);
+    assert!(
+        0 < mid.n_evicted && mid.n_evicted < 12,
+        "{} evicted at floor {floor} (folds {c0:?})",
+        mid.n_evicted
+    );
+    for c in folds(&mid) {
+        assert!(c >= floor as f64 - 1e-4, "folded at cosine {c} < {floor}");
+    }
+}

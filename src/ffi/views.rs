@@ -76,7 +76,8 @@ pub struct kvm_params {
     pub n_recent: u32,
     /// Share of the window with the most attention never freed, in [0, 1]. Default 0.05.
     pub heavy_frac: f32,
-    /// Links with a mean key cosine below this are not merged; below -1 means no floor.
+    /// Links with a mean key cosine below this are not merged (under EVICT_FOLD: a leaving
+    /// cell this unlike its neighbour is evicted, not folded); below -1 means no floor.
     /// Default -2 (off).
     pub sim_floor: f32,
     /// A `kvm_pivot`. Default KVM_PIVOT_ATTENTION.

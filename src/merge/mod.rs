@@ -77,7 +77,8 @@ pub struct Params {
     pub n_sink: usize,
     pub n_recent: usize,
     pub heavy_frac: f32,
-    /// Links whose mean cosine is below this are never merged.
+    /// Links whose mean cosine is below this are never merged (EVICT_FOLD evicts a leaving
+    /// cell this unlike the neighbour it would fold into).
     pub sim_floor: Option<f32>,
     pub pivot: Pivot,
     pub sigma: Sigma,

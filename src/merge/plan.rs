@@ -401,7 +401,7 @@ fn kvmerger<L: LayerRows + Sync>(
 #[allow(clippy::too_many_arguments)]
 fn evict_fold<L: LayerRows + Sync>(
     ex: &Exec,
-    _p: &Params,
+    p: &Params,
     layers: &[L],
     cells: &[u32],
     attn: Option<&[f32]>,
@@ -476,11 +476,18 @@ fn evict_fold<L: LayerRows + Sync>(
                 Some(best)
             }
         };
+        // Under a similarity floor a cell too unlike its neighbour is evicted instead of folded.
+        // Sets must stay runs, so the left set ends at the first cell (counting outward from the
+        // left survivor) below the floor and the right set likewise; the cells between are
+        // evicted. Without a floor every cell is folded, as the split says.
+        let above = |v: f32| p.sim_floor.is_none_or(|f| v >= f);
+        let reach_l = sl.iter().take_while(|&&v| above(v)).count();
+        let reach_r = sr.iter().rev().take_while(|&&v| above(v)).count();
         for j in 0..m {
             owner[a + j] = match split {
                 None => None,
-                Some(s) if j < s => l,
-                Some(_) => r,
+                Some(s) if j < s => l.filter(|_| j < reach_l),
+                Some(_) => r.filter(|_| j >= m - reach_r),
             };
         }
     }
