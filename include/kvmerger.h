@@ -148,7 +148,8 @@ typedef struct kvm_params {
   uint32_t n_recent;
   // Share of the window with the most attention never freed, in [0, 1]. Default 0.05.
   float heavy_frac;
-  // Links with a mean key cosine below this are not merged; below -1 means no floor.
+  // Links with a mean key cosine below this are not merged (under EVICT_FOLD: a leaving
+  // cell this unlike its neighbour is evicted, not folded); below -1 means no floor.
   // Default -2 (off).
   float sim_floor;
   // A `kvm_pivot`. Default KVM_PIVOT_ATTENTION.
