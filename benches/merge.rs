@@ -108,11 +108,16 @@ impl Cache {
     }
 }
 
+// KVMerger, not the default EVICT_FOLD, for the throughput line and criterion: its plan reads
+// every K row of the window, the widest pass the library makes, and the README's numbers were
+// taken with it. The per-method line times the default beside it.
 fn ctx() -> *mut kvm_ctx {
+    ctx_of(kvm_method::KVM_METHOD_KVMERGER)
+}
+
+fn ctx_of(method: kvm_method) -> *mut kvm_ctx {
     let mut p = kvm_params_default();
-    // KVMerger, not the default EVICT_FOLD: its plan reads every K row of the window, the
-    // widest pass the library makes, and the numbers in the README were taken with it.
-    p.method = kvm_method::KVM_METHOD_KVMERGER as i32;
+    p.method = method as i32;
     p.n_threads = std::env::var("KVM_BENCH_THREADS")
         .ok()
         .and_then(|t| t.parse().ok())
@@ -229,6 +234,44 @@ fn report(s: &'static Shape, c: &mut Criterion) {
         gbs(total, t_copy),
         gbs(total, t_pass) / gbs(total, t_copy),
         kvmerger::simd::kernels().name,
+    );
+
+    // What each method's pass costs on the same cache and budget, and the default (EVICT_FOLD)
+    // relative to H2O, whose choice of who leaves it shares: the ratio is what folding adds.
+    let mut per_method = Vec::new();
+    for m in [
+        kvm_method::KVM_METHOD_H2O,
+        kvm_method::KVM_METHOD_EVICT_FOLD,
+        kvm_method::KVM_METHOD_KVMERGER,
+    ] {
+        let mc = ctx_of(m);
+        let mp = plan(mc, &views, &cells, n_free);
+        let t = min_time(reps, || {
+            let p = plan(mc, &views, &cells, n_free);
+            // SAFETY: from kvm_plan_init.
+            unsafe { kvm_plan_free(black_box(p)) };
+        }) + min_time(reps, || {
+            // SAFETY: same views as the plan.
+            let st = unsafe { kvm_plan_apply(mc, mp, views.as_ptr(), views.len()) };
+            assert_eq!(st, kvm_status::KVM_STATUS_OK);
+        });
+        // SAFETY: handles from their inits.
+        unsafe {
+            kvm_plan_free(mp);
+            kvm_ctx_free(mc);
+        }
+        per_method.push(t.as_secs_f64() * 1e3);
+    }
+    println!(
+        "{}: plan + apply, {} of {} cells freed: h2o {:.2} ms, evict_fold (default) {:.2} ms, kvmerger {:.2} ms | ratio evict_fold/h2o {:.2}, evict_fold/kvmerger {:.2}",
+        s.name,
+        n_free,
+        cells.len(),
+        per_method[0],
+        per_method[1],
+        per_method[2],
+        per_method[1] / per_method[0],
+        per_method[1] / per_method[2],
     );
 
     // Attention for pivots as the llama.cpp patch computes it: the recent queries of its ring
