@@ -445,11 +445,11 @@ static std::vector<Method> make_methods(int threads) {
     add("abl_evict_fold", "ablation", "EVICT_FOLD: H2O decides who leaves, fold into the more similar neighbour (recent 32)",
         ef_p);
     add("abl_evict_fold_floor", "ablation", "EVICT_FOLD, fold only above cosine 0.75",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; p.sim_floor = 0.75f; });
+        [&](auto & p) { ef_p(p); p.sim_floor = 0.75f; });
     add("abl_ef_floor_90", "ablation", "EVICT_FOLD, fold only above cosine 0.9 (evict the rest)",
         [&](auto & p) { ef_p(p); p.sim_floor = 0.9f; });
     add("abl_evict_fold_keepkey", "ablation", "EVICT_FOLD, recent 256, keys not averaged",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; p.n_recent = 256; p.merge_keys = false; });
+        [&](auto & p) { ef_p(p); p.n_recent = 256; p.merge_keys = false; });
     add("abl_heavy_0", "ablation", "kvmerger, no heavy hitters protected",
         [](auto & p) { p.heavy_frac = 0.0f; });
     add("abl_heavy_20", "ablation", "kvmerger, 20% heavy hitters protected",
@@ -464,19 +464,19 @@ static std::vector<Method> make_methods(int threads) {
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_CAM; p.n_recent = 256; });
     // combinations of the knobs that helped one at a time (candidates for `best`)
     add("abl_combo_ef", "ablation", "EVICT_FOLD, recent 256, heavy 20%",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; p.n_recent = 256; p.heavy_frac = 0.20f; });
+        [&](auto & p) { ef_p(p); p.n_recent = 256; p.heavy_frac = 0.20f; });
     add("abl_combo_kvm", "ablation", "kvmerger, recent 256, heavy 20%, floor 0.90",
         [](auto & p) { p.n_recent = 256; p.heavy_frac = 0.20f; p.sim_floor = 0.90f; });
     add("abl_combo_kvm_lb", "ablation", "kvmerger, recent 256, heavy 20%, floor 0.90, logbias",
         [](auto & p) { p.n_recent = 256; p.heavy_frac = 0.20f; p.sim_floor = 0.90f; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
     add("abl_combo_ef_lb", "ablation", "EVICT_FOLD, recent 256, heavy 20%, logbias",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; p.n_recent = 256; p.heavy_frac = 0.20f; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
+        [&](auto & p) { ef_p(p); p.n_recent = 256; p.heavy_frac = 0.20f; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
     // attention-weighted members (KVM_SIGMA_ATTENTION): a member the queries ignore is all but
     // evicted, one they attend to keeps its share
     add("abl_sigma_attn", "ablation", "kvmerger, members weighted by accumulated attention (no Gaussian kernel)", nullptr);
     ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_ATTENTION; };
-    add("abl_ef_attnw", "ablation", "EVICT_FOLD, members weighted by accumulated attention", nullptr);
-    ms.back().kvm_set = [](kvm_params & k) { k.method = KVM_METHOD_EVICT_FOLD; k.sigma_mode = KVM_SIGMA_ATTENTION; };
+    add("abl_ef_attnw", "ablation", "EVICT_FOLD, members weighted by accumulated attention", ef_p);
+    ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_ATTENTION; };
     // what EVICT_FOLD's folding itself adds at H2O's positions: the same sets with only each
     // pivot kept (an EVICT_FOLD set's pivot is its survivor, so this is H2O, bit for bit), the
     // survivor's key with values averaged, and the plain count-weighted mean
@@ -491,8 +491,8 @@ static std::vector<Method> make_methods(int threads) {
         [&](auto & p) { ef_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
     add("abl_h2o_rc", "ablation", "H2O, recent = capacity/8", [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_H2O; });
     ms.back().recent_frac = 0.125f;
-    add("abl_ef_attnw_rc", "ablation", "EVICT_FOLD, attention weights, recent = capacity/8", nullptr);
-    ms.back().kvm_set = [](kvm_params & k) { k.method = KVM_METHOD_EVICT_FOLD; k.sigma_mode = KVM_SIGMA_ATTENTION; };
+    add("abl_ef_attnw_rc", "ablation", "EVICT_FOLD, attention weights, recent = capacity/8", ef_p);
+    ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_ATTENTION; };
     ms.back().recent_frac = 0.125f;
     add("abl_prev_best_age1", "ablation", "the previous best + age_bias 1.0", [](auto & p) {
         p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.heavy_frac = 0.20f; p.sim_floor = 0.90f; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });

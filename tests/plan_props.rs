@@ -425,10 +425,7 @@ fn evict_fold_floor_evicts_what_it_would_not_fold() {
     let mut c0 = folds(&none);
     c0.sort_by(f64::total_cmp);
     let floor = c0[c0.len() / 2] as f32;
-    let mut p = params(kvm_method::KVM_METHOD_EVICT_FOLD);
-    p.sim_floor = floor;
-    let mid = run_plan(&Ctx::new(&p), &views, &cells, Some(&attn), None, 12, false).unwrap();
-    check_invariants(&p, &cells, Some(&attn), None, 12, &mid);
+    let mid = plan(kvm_method::KVM_METHOD_EVICT_FOLD, floor);
     assert_eq!(mid.freed, h2o.freed);
     assert!(
         0 < mid.n_evicted && mid.n_evicted < 12,
