@@ -486,6 +486,27 @@ static std::vector<Method> make_methods(int threads) {
         [&](auto & p) { ef_p(p); p.merge_keys = false; });
     add("abl_ef_mean", "ablation", "EVICT_FOLD sets, count-weighted mean of keys and values (sigma 1e4)", ef_p);
     ms.back().kvm_set = mean_w;
+    // the fold's strength: EVICT_FOLD's adaptive kernel gives a survivor's one leaving neighbour
+    // exp(-4) = 0.018 of the survivor's weight whatever their distance, and the plain mean above
+    // gives it 1; a relative sigma (sigma = r * mean distance) sweeps the range between,
+    // exp(-2 / r^2) per pair
+    for (const auto & [tag, r] : std::vector<std::pair<const char *, float>>{
+             { "055", 0.55f }, { "085", 0.85f }, { "100", 1.0f }, { "130", 1.3f } }) {
+        add(fmt("abl_ef_rel%s", tag), "ablation",
+            fmt("EVICT_FOLD, sigma = %.2f x mean key distance (pair weight %.3g)", r, std::exp(-2.0 / (r * r))), ef_p);
+        ms.back().kvm_set = [r = r](kvm_params & k) { k.sigma_mode = KVM_SIGMA_RELATIVE; k.sigma = r; };
+    }
+    // the same strengths with the distance kept in: one sigma per layer and head for the whole
+    // event (r x the rms member-to-pivot distance), so a leaving cell much nearer its survivor
+    // than usual keeps most of its weight and a far one almost none; an average one gets
+    // exp(-1 / 2r^2)
+    for (const auto & [tag, r] : std::vector<std::pair<const char *, float>>{
+             { "025", 0.25f }, { "035", 0.35f }, { "050", 0.5f } }) {
+        add(fmt("abl_ef_layer%s", tag), "ablation",
+            fmt("EVICT_FOLD, sigma = %.2f x the event's rms member-to-pivot distance per layer and head (average member %.3g)",
+                r, std::exp(-0.5 / (r * r))), ef_p);
+        ms.back().kvm_set = [r = r](kvm_params & k) { k.sigma_mode = KVM_SIGMA_LAYER; k.sigma = r; };
+    }
     // a folded survivor stands for count tokens: ln(count) in its KQ mask gives it their attention mass
     add("abl_ef_logbias", "ablation", "EVICT_FOLD, ln(count) in the KQ mask",
         [&](auto & p) { ef_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });

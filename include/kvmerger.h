@@ -104,6 +104,13 @@ enum kvm_sigma
   // No Gaussian kernel: member weights ∝ their accumulated attention (adaptive when the
   // plan had no attention, or none on the pivot).
   KVM_SIGMA_ATTENTION = 2,
+  // σ = `kvm_params.sigma` × d̄: the adaptive kernel widened (> 1/√2) or narrowed (< 1/√2).
+  // A pivot's one other member gets kernel weight exp(−2/sigma²), e.g. 0.14 at sigma = 1.
+  KVM_SIGMA_RELATIVE = 3,
+  // σ = `kvm_params.sigma` × the root-mean-square member-to-pivot key distance over the
+  // whole event, per layer and KV head: members nearer their pivot than is usual keep more
+  // weight, farther ones less.
+  KVM_SIGMA_LAYER = 4,
 };
 #ifndef __cplusplus
 typedef int32_t kvm_sigma;
@@ -156,7 +163,9 @@ typedef struct kvm_params {
   int32_t pivot;
   // A `kvm_sigma`. Default KVM_SIGMA_ADAPTIVE.
   int32_t sigma_mode;
-  // σ for KVM_SIGMA_FIXED (> 0). Default 5.
+  // σ for KVM_SIGMA_FIXED, the multiplier for KVM_SIGMA_RELATIVE and KVM_SIGMA_LAYER
+  // (> 0 for all three). Default 5, which is meant for FIXED: a host choosing another sets
+  // its own.
   float sigma;
   // A `kvm_value_mode`. Default KVM_VALUE_MODE_NONE.
   int32_t value_mode;

@@ -261,6 +261,18 @@ fn bad_windows_and_params() {
             p.sigma_mode = 1;
             p.sigma = 0.0
         },
+        |p: &mut kvm_params| {
+            p.sigma_mode = 3;
+            p.sigma = -0.5
+        },
+        |p: &mut kvm_params| {
+            p.sigma_mode = 3;
+            p.sigma = f32::INFINITY
+        },
+        |p: &mut kvm_params| {
+            p.sigma_mode = 4;
+            p.sigma = 0.0
+        },
         |p: &mut kvm_params| p.max_set = 1,
         |p: &mut kvm_params| p.max_count = 1,
         |p: &mut kvm_params| p.cam_span = 0,

@@ -35,8 +35,36 @@ fn gaussian_reference(
         k: vec![],
         v: vec![],
     };
+    let members =
+        |s: u32| -> Vec<usize> { (0..cells.len()).filter(|&i| out.set_of[i] == s).collect() };
+    let dist = |il: usize, h: usize, a: usize, b: usize| -> f64 {
+        let l = &cache.layers[il];
+        let (ka, kb) = (l.get_k(cells[a] as usize, h), l.get_k(cells[b] as usize, h));
+        ka.iter()
+            .zip(&kb)
+            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    // KVM_SIGMA_LAYER: σ per layer and head from every merged member's distance to its pivot
+    let layer_sigma = |il: usize, h: usize| -> f64 {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for s in 0..out.survivor.len() as u32 {
+            let piv = out.survivor[s as usize] as usize;
+            for i in members(s).into_iter().filter(|&i| i != piv) {
+                sum += dist(il, h, piv, i).powi(2);
+                n += 1;
+            }
+        }
+        let rms = if n > 0 { (sum / n as f64).sqrt() } else { 0.0 };
+        if rms > 0.0 {
+            p.sigma as f64 * rms
+        } else {
+            f64::INFINITY
+        }
+    };
     for s in 0..out.survivor.len() as u32 {
-        let mem: Vec<usize> = (0..cells.len()).filter(|&i| out.set_of[i] == s).collect();
+        let mem = members(s);
         if mem.len() < 2 {
             continue;
         }
@@ -76,12 +104,21 @@ fn gaussian_reference(
                 let g: Vec<f64> = if p.sigma_mode == kvm_sigma::KVM_SIGMA_FIXED as i32 {
                     let s2 = 2.0 * (p.sigma as f64).powi(2);
                     d.iter().map(|d| (-d * d / s2).exp()).collect()
+                } else if p.sigma_mode == kvm_sigma::KVM_SIGMA_LAYER as i32 {
+                    let s2 = 2.0 * layer_sigma(il, h).powi(2);
+                    d.iter().map(|d| (-d * d / s2).exp()).collect()
                 } else {
+                    // adaptive: 2σ² = d̄²; relative: σ = sigma · d̄
+                    let c = if p.sigma_mode == kvm_sigma::KVM_SIGMA_RELATIVE as i32 {
+                        2.0 * (p.sigma as f64).powi(2)
+                    } else {
+                        1.0
+                    };
                     let dbar = d.iter().sum::<f64>() / d.len() as f64;
                     d.iter()
                         .map(|d| {
                             if dbar > 0.0 {
-                                (-(d / dbar).powi(2)).exp()
+                                (-(d / dbar).powi(2) / c).exp()
                             } else {
                                 1.0
                             }
@@ -224,6 +261,17 @@ fn padded_rows_counts_and_modes() {
     p.sigma_mode = kvm_sigma::KVM_SIGMA_FIXED as i32;
     p.sigma = 2.0;
     run_case(GgmlType::F16, GgmlType::BF16, false, &p, 0, true);
+    p.sigma_mode = kvm_sigma::KVM_SIGMA_RELATIVE as i32;
+    for r in [0.55, 1.3] {
+        p.sigma = r;
+        run_case(GgmlType::F16, GgmlType::F16, true, &p, 5, true);
+    }
+    p.sigma_mode = kvm_sigma::KVM_SIGMA_LAYER as i32;
+    for r in [0.3, 1.0] {
+        p.sigma = r;
+        run_case(GgmlType::F32, GgmlType::F16, false, &p, 0, true);
+        run_case(GgmlType::Q8_0, GgmlType::Q4_0, false, &p, 0, false);
+    }
     p.merge_keys = false;
     run_case(GgmlType::F16, GgmlType::F16, false, &p, 0, false);
     p.merge_keys = true;

@@ -47,6 +47,13 @@ pub enum kvm_sigma {
     /// No Gaussian kernel: member weights ∝ their accumulated attention (adaptive when the
     /// plan had no attention, or none on the pivot).
     KVM_SIGMA_ATTENTION = 2,
+    /// σ = `kvm_params.sigma` × d̄: the adaptive kernel widened (> 1/√2) or narrowed (< 1/√2).
+    /// A pivot's one other member gets kernel weight exp(−2/sigma²), e.g. 0.14 at sigma = 1.
+    KVM_SIGMA_RELATIVE = 3,
+    /// σ = `kvm_params.sigma` × the root-mean-square member-to-pivot key distance over the
+    /// whole event, per layer and KV head: members nearer their pivot than is usual keep more
+    /// weight, farther ones less.
+    KVM_SIGMA_LAYER = 4,
 }
 
 /// What happens to merged values (`kvm_params.value_mode`).
@@ -84,7 +91,9 @@ pub struct kvm_params {
     pub pivot: i32,
     /// A `kvm_sigma`. Default KVM_SIGMA_ADAPTIVE.
     pub sigma_mode: i32,
-    /// σ for KVM_SIGMA_FIXED (> 0). Default 5.
+    /// σ for KVM_SIGMA_FIXED, the multiplier for KVM_SIGMA_RELATIVE and KVM_SIGMA_LAYER
+    /// (> 0 for all three). Default 5, which is meant for FIXED: a host choosing another sets
+    /// its own.
     pub sigma: f32,
     /// A `kvm_value_mode`. Default KVM_VALUE_MODE_NONE.
     pub value_mode: i32,
@@ -127,9 +136,11 @@ impl kvm_params {
                 Sigma::Adaptive => kvm_sigma::KVM_SIGMA_ADAPTIVE,
                 Sigma::Fixed(_) => kvm_sigma::KVM_SIGMA_FIXED,
                 Sigma::Attention => kvm_sigma::KVM_SIGMA_ATTENTION,
+                Sigma::Relative(_) => kvm_sigma::KVM_SIGMA_RELATIVE,
+                Sigma::Layer(_) => kvm_sigma::KVM_SIGMA_LAYER,
             } as i32,
             sigma: match p.sigma {
-                Sigma::Fixed(s) => s,
+                Sigma::Fixed(s) | Sigma::Relative(s) | Sigma::Layer(s) => s,
                 Sigma::Adaptive | Sigma::Attention => 5.0,
             },
             value_mode: match p.value_mode {
@@ -179,6 +190,8 @@ impl kvm_params {
                 0 => Sigma::Adaptive,
                 1 => Sigma::Fixed(self.sigma),
                 2 => Sigma::Attention,
+                3 => Sigma::Relative(self.sigma),
+                4 => Sigma::Layer(self.sigma),
                 v => return Err(bad("sigma_mode", v)),
             },
             value_mode: match self.value_mode {

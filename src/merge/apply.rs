@@ -3,7 +3,7 @@
 //! Per layer and KV head, a set of members `i` with pivot `p` becomes
 //! `g_i = exp(−d_i² / 2σ²)`, `d_i = ‖k_p − k_i‖`, `w_i ∝ count_i · g_i`,
 //! `k* = Σ w_i k_i`, `v* = Σ w_i v_i` (method.md), with `2σ² = d̄²` (d̄ the mean of the d_i,
-//! pivot included as 0) unless σ is fixed; with `Sigma::Attention`, `w_i ∝ a_i` (the members'
+//! pivot included as 0) unless σ is fixed or relative (`σ = r·d̄`); with `Sigma::Attention`, `w_i ∝ a_i` (the members'
 //! accumulated attention) instead. Arithmetic is f32; the result is encoded back into
 //! the cache's type, only into the pivot's rows. CaM instead adds weighted evicted values into
 //! kept values. Layers are independent rayon tasks, so the bytes written do not depend on the
@@ -53,6 +53,7 @@ pub fn apply(ex: &Exec, plan: &Plan, layers: &mut [LayerMut<'_>]) -> Result<()> 
 /// `i` to the pivot (`jp`), `attn` the members' accumulated attention when the plan had it.
 /// Gaussian modes: `exp(−d²/2σ²)` times the members' counts. Attention mode: the members'
 /// attention as it is (a merged cell's attention already counts the tokens it stands for).
+/// `Sigma::Layer(σ)` here is the head's σ that `head_sigmas` resolved, used as a fixed one.
 pub fn weights(
     sigma: Sigma,
     d2: &[f32],
@@ -73,17 +74,22 @@ pub fn weights(
     };
     if !by_attn {
         match sigma {
-            Sigma::Adaptive | Sigma::Attention => {
+            Sigma::Adaptive | Sigma::Attention | Sigma::Relative(_) => {
+                // 2σ² = c·d̄²: c = 1 for the adaptive kernel, 2r² for a relative one.
+                let c = match sigma {
+                    Sigma::Relative(r) => 2.0 * r * r,
+                    _ => 1.0,
+                };
                 let dbar = d2.iter().map(|d| d.max(0.0).sqrt()).sum::<f32>() / d2.len() as f32;
                 for (o, d) in out.iter_mut().zip(d2) {
                     *o = if dbar > 0.0 {
-                        (-d.max(0.0) / (dbar * dbar)).exp()
+                        (-d.max(0.0) / (c * dbar * dbar)).exp()
                     } else {
                         1.0
                     };
                 }
             }
-            Sigma::Fixed(s) => {
+            Sigma::Fixed(s) | Sigma::Layer(s) => {
                 for (o, d) in out.iter_mut().zip(d2) {
                     *o = (-d.max(0.0) / (2.0 * s * s)).exp();
                 }
@@ -132,6 +138,87 @@ fn weighted_rows(
     }
 }
 
+/// Reads the `m` members' key rows into `keys` and puts member `j`'s squared key distance to
+/// the pivot (member `jp`) in KV head `h` at `d2[h·m + j]`.
+fn read_distances(
+    kern: &'static Kernels,
+    plan: &Plan,
+    mem: &[usize],
+    jp: usize,
+    l: &LayerMut<'_>,
+    keys: &mut [f32],
+    d2: &mut [f32],
+) {
+    let g = l.geom;
+    let (m, wk) = (mem.len(), g.n_head * g.dk);
+    for (j, &i) in mem.iter().enumerate() {
+        l.read_k_row(
+            kern,
+            plan.cells[i] as usize,
+            &mut keys[j * wk..(j + 1) * wk],
+        );
+    }
+    for h in 0..g.n_head {
+        let head = |j: usize| &keys[j * wk + h * g.dk..j * wk + (h + 1) * g.dk];
+        for j in 0..m {
+            d2[h * m + j] = kern.sqdist_f32(head(jp), head(j));
+        }
+    }
+}
+
+/// For `Sigma::Layer(r)`, each KV head's σ for this layer: `r` times the root-mean-square
+/// distance of every merged member to its pivot (non-finite distances left out). A head whose
+/// members all sit on their pivots gets an infinite σ, so they keep their full weights. The
+/// sum runs over the sets in plan order, so σ does not depend on the thread count. `None` for
+/// every other mode.
+fn head_sigmas(
+    kern: &'static Kernels,
+    plan: &Plan,
+    merged: &[(usize, &Vec<usize>)],
+    l: &LayerMut<'_>,
+    keys: &mut [f32],
+    d2: &mut [f32],
+) -> Option<Vec<f32>> {
+    let Sigma::Layer(r) = plan.params.sigma else {
+        return None;
+    };
+    let g = l.geom;
+    let mut sum = vec![0f64; g.n_head];
+    let mut n = vec![0usize; g.n_head];
+    for &(sid, mem) in merged {
+        let piv = plan.survivor[sid] as usize;
+        let jp = mem.iter().position(|&i| i == piv)?;
+        let m = mem.len();
+        read_distances(kern, plan, mem, jp, l, keys, d2);
+        for h in 0..g.n_head {
+            for j in (0..m).filter(|&j| j != jp) {
+                let d2 = d2[h * m + j];
+                if d2.is_finite() {
+                    sum[h] += d2 as f64;
+                    n[h] += 1;
+                }
+            }
+        }
+    }
+    Some(
+        sum.iter()
+            .zip(&n)
+            .map(|(&s, &k)| {
+                let rms = if k > 0 {
+                    (s / k as f64).sqrt() as f32
+                } else {
+                    0.0
+                };
+                if rms > 0.0 {
+                    r * rms
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .collect(),
+    )
+}
+
 fn apply_layer(
     kern: &'static Kernels,
     plan: &Plan,
@@ -148,11 +235,12 @@ fn apply_layer(
     let mut vals = vec![0f32; max_m.max(1) * wv];
     let mut out_k = vec![0f32; wk];
     let mut out_v = vec![0f32; wv];
-    let mut d2 = vec![0f32; max_m];
+    let mut d2 = vec![0f32; g.n_head * max_m];
     let mut w = vec![0f32; g.n_head * max_m];
     let mut cnt = vec![0f32; max_m];
     let mut att = vec![0f32; max_m];
     let has_attn = !plan.attn_in.is_empty();
+    let sigma_h = head_sigmas(kern, plan, merged, l, &mut keys, &mut d2);
     for &(sid, mem) in merged {
         let m = mem.len();
         let piv = plan.survivor[sid] as usize;
@@ -169,22 +257,11 @@ fn apply_layer(
                 *a = plan.attn_in[i];
             }
         }
-        for (j, &i) in mem.iter().enumerate() {
-            l.read_k_row(
-                kern,
-                plan.cells[i] as usize,
-                &mut keys[j * wk..(j + 1) * wk],
-            );
-        }
-        // Per KV head: distances to the pivot's key in that head, then the weights.
+        read_distances(kern, plan, mem, jp, l, &mut keys, &mut d2);
         for h in 0..g.n_head {
-            let head = |j: usize| &keys[j * wk + h * g.dk..j * wk + (h + 1) * g.dk];
-            for j in 0..m {
-                d2[j] = kern.sqdist_f32(head(jp), head(j));
-            }
             weights(
-                p.sigma,
-                &d2[..m],
+                sigma_h.as_ref().map_or(p.sigma, |s| Sigma::Layer(s[h])),
+                &d2[h * m..(h + 1) * m],
                 &cnt[..m],
                 has_attn.then(|| &att[..m]),
                 jp,
@@ -251,5 +328,41 @@ mod tests {
             assert_eq!(w, a);
         }
         assert!(a[1] > a[2] && (a.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn relative_sigma_scales_the_adaptive_kernel() {
+        let d2 = [0.0, 4.0, 9.0, 0.25];
+        let counts = [1.0, 2.0, 1.0, 1.0];
+        let (mut a, mut r) = ([0f32; 4], [0f32; 4]);
+        weights(Sigma::Adaptive, &d2, &counts, None, 0, &mut a);
+        weights(
+            Sigma::Relative(0.5f32.sqrt()),
+            &d2,
+            &counts,
+            None,
+            0,
+            &mut r,
+        );
+        for (x, y) in a.iter().zip(&r) {
+            assert!((x - y).abs() < 1e-6, "{a:?} {r:?}");
+        }
+        // a wider kernel moves weight from the pivot to the far members
+        weights(Sigma::Relative(1.3), &d2, &counts, None, 0, &mut r);
+        assert!(r[0] < a[0] && r[2] > a[2], "{a:?} {r:?}");
+        // a pivot and one member: the member's kernel weight is exp(−2/r²) at any distance
+        for d in [1e-3f32, 1.0, 1e3] {
+            let mut w = [0f32; 2];
+            weights(
+                Sigma::Relative(0.85),
+                &[0.0, d * d],
+                &[1.0, 1.0],
+                None,
+                0,
+                &mut w,
+            );
+            let g = (-2.0f32 / (0.85 * 0.85)).exp();
+            assert!((w[1] - g / (1.0 + g)).abs() < 1e-6, "{w:?} at {d}");
+        }
     }
 }

@@ -53,6 +53,15 @@ pub enum Sigma {
     Adaptive,
     /// A fixed σ, for ablations.
     Fixed(f32),
+    /// `σ = r·d̄`: the adaptive kernel with its width scaled, so the strength of a fold can be
+    /// swept without knowing the keys' scale. `Adaptive` is `r = 1/√2`; for a pivot and one
+    /// other member the other's kernel weight is `exp(−2/r²)` whatever their distance.
+    Relative(f32),
+    /// `σ = r·s`, `s` the root-mean-square distance from a merged member to its pivot over
+    /// every set of the event, per layer and KV head: one kernel width for the whole event, so
+    /// a member much nearer its pivot than is usual in that head keeps most of its weight and
+    /// a far one almost none (the adaptive kernel compares a member only with its own set).
+    Layer(f32),
     /// No kernel: members weighted by their accumulated attention (not times their counts: a
     /// merged cell's attention already counts the tokens it stands for), so a member the
     /// queries ignore barely changes the survivor (it is all but evicted) and one they attend
@@ -138,10 +147,14 @@ impl Params {
                 return Err(InvalidArg("sim_floor is not finite".into()));
             }
         }
-        if let Sigma::Fixed(s) = self.sigma {
-            if !(s.is_finite() && s > 0.0) {
+        match self.sigma {
+            Sigma::Fixed(s) if !(s.is_finite() && s > 0.0) => {
                 return Err(InvalidArg(format!("fixed sigma = {s} must be > 0")));
             }
+            Sigma::Relative(r) | Sigma::Layer(r) if !(r.is_finite() && r > 0.0) => {
+                return Err(InvalidArg(format!("relative sigma = {r} must be > 0")));
+            }
+            _ => {}
         }
         if !self.age_bias.is_finite() {
             return Err(InvalidArg("age_bias is not finite".into()));
