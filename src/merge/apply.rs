@@ -3,8 +3,9 @@
 //! Per layer and KV head, a set of members `i` with pivot `p` becomes
 //! `g_i = exp(−d_i² / 2σ²)`, `d_i = ‖k_p − k_i‖`, `w_i ∝ count_i · g_i`,
 //! `k* = Σ w_i k_i`, `v* = Σ w_i v_i` (method.md), with `2σ² = d̄²` (d̄ the mean of the d_i,
-//! pivot included as 0) unless σ is fixed or relative (`σ = r·d̄`); with `Sigma::Attention`, `w_i ∝ a_i` (the members'
-//! accumulated attention) instead. Arithmetic is f32; the result is encoded back into
+//! pivot included as 0) unless σ is fixed, relative (`σ = r·d̄`) or per layer (`σ = r·s`, s
+//! the event's rms member distance in that layer and head); with `Sigma::Attention`,
+//! `w_i ∝ a_i` (the members' accumulated attention) instead. Arithmetic is f32; the result is encoded back into
 //! the cache's type, only into the pivot's rows. CaM instead adds weighted evicted values into
 //! kept values. Layers are independent rayon tasks, so the bytes written do not depend on the
 //! thread count.
@@ -53,7 +54,8 @@ pub fn apply(ex: &Exec, plan: &Plan, layers: &mut [LayerMut<'_>]) -> Result<()> 
 /// `i` to the pivot (`jp`), `attn` the members' accumulated attention when the plan had it.
 /// Gaussian modes: `exp(−d²/2σ²)` times the members' counts. Attention mode: the members'
 /// attention as it is (a merged cell's attention already counts the tokens it stands for).
-/// `Sigma::Layer(σ)` here is the head's σ that `head_sigmas` resolved, used as a fixed one.
+/// `Sigma::Layer`'s σ depends on the whole event, so `apply_layer` resolves it per head
+/// (`head_sigmas`) and passes it as `Fixed`; a `Layer(s)` given here directly is read as fixed.
 pub fn weights(
     sigma: Sigma,
     d2: &[f32],
@@ -187,7 +189,10 @@ fn head_sigmas(
     let mut n = vec![0usize; g.n_head];
     for &(sid, mem) in merged {
         let piv = plan.survivor[sid] as usize;
-        let jp = mem.iter().position(|&i| i == piv)?;
+        let jp = mem
+            .iter()
+            .position(|&i| i == piv)
+            .expect("survivor is a member");
         let m = mem.len();
         read_distances(kern, plan, mem, jp, l, keys, d2);
         for h in 0..g.n_head {
@@ -260,7 +265,7 @@ fn apply_layer(
         read_distances(kern, plan, mem, jp, l, &mut keys, &mut d2);
         for h in 0..g.n_head {
             weights(
-                sigma_h.as_ref().map_or(p.sigma, |s| Sigma::Layer(s[h])),
+                sigma_h.as_ref().map_or(p.sigma, |s| Sigma::Fixed(s[h])),
                 &d2[h * m..(h + 1) * m],
                 &cnt[..m],
                 has_attn.then(|| &att[..m]),
