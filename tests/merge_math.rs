@@ -46,8 +46,9 @@ fn gaussian_reference(
             .sum::<f64>()
             .sqrt()
     };
-    // KVM_SIGMA_LAYER: σ per layer and head from every merged member's distance to its pivot
-    let layer_sigma = |il: usize, h: usize| -> f64 {
+    // KVM_SIGMA_LAYER: σ per layer and head from every merged member's distance to its pivot,
+    // computed once per (layer, head) before the sets are merged
+    let head_sigma = |il: usize, h: usize| -> f64 {
         let (mut sum, mut n) = (0f64, 0usize);
         for s in 0..out.survivor.len() as u32 {
             let piv = out.survivor[s as usize] as usize;
@@ -62,6 +63,16 @@ fn gaussian_reference(
         } else {
             f64::INFINITY
         }
+    };
+    let layer_sigma: Vec<Vec<f64>> = if p.sigma_mode == kvm_sigma::KVM_SIGMA_LAYER as i32 {
+        cache
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(il, l)| (0..l.n_head).map(|h| head_sigma(il, h)).collect())
+            .collect()
+    } else {
+        vec![]
     };
     for s in 0..out.survivor.len() as u32 {
         let mem = members(s);
@@ -105,7 +116,7 @@ fn gaussian_reference(
                     let s2 = 2.0 * (p.sigma as f64).powi(2);
                     d.iter().map(|d| (-d * d / s2).exp()).collect()
                 } else if p.sigma_mode == kvm_sigma::KVM_SIGMA_LAYER as i32 {
-                    let s2 = 2.0 * layer_sigma(il, h).powi(2);
+                    let s2 = 2.0 * layer_sigma[il][h].powi(2);
                     d.iter().map(|d| (-d * d / s2).exp()).collect()
                 } else {
                     // adaptive: 2σ² = d̄²; relative: σ = sigma · d̄

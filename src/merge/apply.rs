@@ -5,10 +5,10 @@
 //! `k* = Σ w_i k_i`, `v* = Σ w_i v_i` (method.md), with `2σ² = d̄²` (d̄ the mean of the d_i,
 //! pivot included as 0) unless σ is fixed, relative (`σ = r·d̄`) or per layer (`σ = r·s`, s
 //! the event's rms member distance in that layer and head); with `Sigma::Attention`,
-//! `w_i ∝ a_i` (the members' accumulated attention) instead. Arithmetic is f32; the result is encoded back into
-//! the cache's type, only into the pivot's rows. CaM instead adds weighted evicted values into
-//! kept values. Layers are independent rayon tasks, so the bytes written do not depend on the
-//! thread count.
+//! `w_i ∝ a_i` (the members' accumulated attention) instead. Arithmetic is f32; the result
+//! is encoded back into the cache's type, only into the pivot's rows. CaM instead adds
+//! weighted evicted values into kept values. Layers are independent rayon tasks, so the bytes
+//! written do not depend on the thread count.
 
 use rayon::prelude::*;
 

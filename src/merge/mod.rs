@@ -152,7 +152,10 @@ impl Params {
                 return Err(InvalidArg(format!("fixed sigma = {s} must be > 0")));
             }
             Sigma::Relative(r) | Sigma::Layer(r) if !(r.is_finite() && r > 0.0) => {
-                return Err(InvalidArg(format!("relative sigma = {r} must be > 0")));
+                return Err(InvalidArg(format!(
+                    "sigma {:?}: the multiplier must be > 0",
+                    self.sigma
+                )));
             }
             _ => {}
         }
