@@ -19,7 +19,9 @@ PREFIX="llama_cpp_python-${PKG_VER}/vendor/llama.cpp"
 mkdir -p "$CACHE"
 if [ ! -f "$CACHE/$SDIST" ]; then
     echo "fetch-llama: downloading llama-cpp-python==$PKG_VER (sdist)" >&2
-    python3 -m pip download --quiet --no-deps --no-binary :all: \
+    # --no-binary for this package only: pip prepares the sdist's metadata, and with :all: it
+    # would also build the build requirements (cmake, ninja) from source, minutes on 2 cores.
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$PKG_VER" -d "$CACHE" >&2
 fi
 echo "$SDIST_SHA256  $CACHE/$SDIST" | sha256sum -c --quiet - \
