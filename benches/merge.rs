@@ -5,7 +5,9 @@
 //! For each it prints the bytes a pass must touch (plan: every K row of the window; apply: K
 //! and V of every merged member read, each merged survivor's K and V written), the time of
 //! plan and apply, their GB/s, and memcpy's GB/s over the same number of bytes, then the
-//! ratio. criterion then times plan and apply on their own.
+//! ratio. Then, per method, a whole pass on the same cache, and one event of the shape the
+//! evaluation makes (128 of 1020 cells) split into plan and apply, for H2O and EVICT_FOLD; and
+//! the attention scoring of an event. criterion then times plan and apply on their own.
 //!
 //! `KVM_BENCH_THREADS` (default 2) sets the ctx's pool; `KVM_BENCH_QUICK=1` runs only the
 //! SmolLM2 shape.
@@ -276,6 +278,31 @@ fn report(s: &'static Shape, c: &mut Criterion) {
         per_method[2],
         per_method[1] / per_method[0],
         per_method[1] / per_method[2],
+    );
+
+    // One event as the evaluation makes it: a 1020-cell window of a 1024-cell cache (the 50 %
+    // budget of a 2048-token window) freeing an eighth of the cache, 128 cells, split into plan
+    // and apply, for H2O and the default EVICT_FOLD; the difference is what folding costs.
+    let win = &cells[..1020];
+    let mut line = Vec::new();
+    for m in [
+        kvm_method::KVM_METHOD_H2O,
+        kvm_method::KVM_METHOD_EVICT_FOLD,
+    ] {
+        let mc = ctx_of(m);
+        let (tp, ta) = pass_times(mc, &views, win, 128, 3 * reps);
+        // SAFETY: from kvm_ctx_init.
+        unsafe { kvm_ctx_free(mc) };
+        line.push((tp.as_secs_f64() * 1e3, ta.as_secs_f64() * 1e3));
+    }
+    println!(
+        "{}: event of 128 of 1020 cells: h2o plan {:.3} ms + apply {:.3} ms, evict_fold plan {:.3} ms + apply {:.3} ms | ratio evict_fold/h2o {:.2}",
+        s.name,
+        line[0].0,
+        line[0].1,
+        line[1].0,
+        line[1].1,
+        (line[1].0 + line[1].1) / (line[0].0 + line[0].1),
     );
 
     // Attention for pivots as the llama.cpp patch computes it: the recent queries of its ring

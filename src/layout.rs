@@ -503,6 +503,42 @@ pub trait LayerRows {
         }
     }
 
+    /// Asks the CPU to start loading cell `cell`'s key row (all heads) into cache, so that a
+    /// loop over scattered rows overlaps their memory latency. A hint only: it reads nothing
+    /// and changes nothing, and a cell outside the view is ignored.
+    fn prefetch_k_row(&self, cell: usize) {
+        let g = self.geom();
+        let start = cell * g.k.nb1;
+        let n = g.k.ty.row_size(g.n_head * g.dk);
+        if let Some(row) = self.k_bytes().get(start..start + n) {
+            prefetch(row);
+        }
+    }
+
+    /// As [`LayerRows::prefetch_k_row`] for KV head `h` of the key row only.
+    fn prefetch_k_head(&self, cell: usize, h: usize) {
+        let g = self.geom();
+        let w = g.k.ty.row_size(g.dk);
+        let start = cell * g.k.nb1 + h * w;
+        if let Some(part) = self.k_bytes().get(start..start + w) {
+            prefetch(part);
+        }
+    }
+
+    /// As [`LayerRows::prefetch_k_row`] for cell `cell`'s value row; nothing for a transposed V,
+    /// whose cell is spread over one element per channel row.
+    fn prefetch_v_row(&self, cell: usize) {
+        let g = self.geom();
+        if g.v_trans {
+            return;
+        }
+        let start = cell * g.v.nb1;
+        let n = g.v.ty.row_size(g.n_head * g.dv);
+        if let Some(row) = self.v_bytes().get(start..start + n) {
+            prefetch(row);
+        }
+    }
+
     /// Raw f16 key bits of all heads of `cell` (padding excluded), when K is f16.
     fn k_row_f16(&self, cell: usize) -> Option<&[u16]> {
         let g = self.geom();
@@ -566,4 +602,29 @@ impl LayerMut<'_> {
             encode(kern, g.v.ty, src, &mut self.v[start..start + n]);
         }
     }
+}
+
+/// How many rows ahead a loop over scattered cache rows asks for the next one: enough to
+/// cover a memory access while the rows in between are decoded.
+pub(crate) const PREFETCH_AHEAD: usize = 4;
+
+/// Prefetches every cache line of `bytes` (a hint; never faults, reads nothing). The last
+/// byte is asked for too, since a row need not start on a line.
+#[inline]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..bytes.len())
+        .step_by(64)
+        .chain(bytes.len().checked_sub(1))
+    {
+        // SAFETY: the pointer is inside `bytes`; a prefetch is a hint that never faults and
+        // has no effect on memory.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                bytes.as_ptr().add(off).cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }

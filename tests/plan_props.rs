@@ -371,6 +371,88 @@ fn h2o_drops_the_least_attended() {
     assert_eq!(out.freed, want);
 }
 
+/// The mean over layers and KV heads of the f64 cosine of cells `a` and `b`'s keys, as
+/// stored (quantized keys decoded).
+fn mean_cos(cache: &Cache, a: usize, b: usize) -> f64 {
+    let mut sum = 0f64;
+    let mut n = 0;
+    for l in &cache.layers {
+        for h in 0..l.n_head {
+            let (x, y) = (l.get_k(a, h), l.get_k(b, h));
+            let dot: f64 = x.iter().zip(&y).map(|(&u, &v)| u as f64 * v as f64).sum();
+            let nx: f64 = x.iter().map(|&u| u as f64 * u as f64).sum::<f64>().sqrt();
+            let ny: f64 = y.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            sum += dot / (nx * ny);
+            n += 1;
+        }
+    }
+    sum / n as f64
+}
+
+#[test]
+fn evict_fold_joins_the_more_similar_neighbour() {
+    // Every fourth cell from 8 to 52 has the least attention, so each leaves with both of its
+    // neighbours surviving, and it must join the one whose keys are more similar (the mean
+    // cosine over layers and heads, here in f64). Every key type, with and without padded
+    // rows: the plan reads each key row whole, once per layer.
+    for tk in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+    ] {
+        for pad in [0, 32] {
+            let mut cache = Cache::with_pad(&Shape::small(tk, GgmlType::F16, false), 5, pad);
+            let views = cache.views();
+            let cells: Vec<u32> = (0..64).collect();
+            let leaving: Vec<usize> = (8..56).step_by(4).collect();
+            let attn: Vec<f32> = (0..64)
+                .map(|i| {
+                    if leaving.contains(&i) {
+                        0.0
+                    } else {
+                        1.0 + i as f32
+                    }
+                })
+                .collect();
+            let mut p = params(kvm_method::KVM_METHOD_EVICT_FOLD);
+            p.n_recent = 4;
+            let n_free = leaving.len() as u32;
+            let out = run_plan(
+                &Ctx::new(&p),
+                &views,
+                &cells,
+                Some(&attn),
+                None,
+                n_free,
+                false,
+            )
+            .unwrap();
+            check_invariants(&p, &cells, Some(&attn), None, n_free as usize, &out);
+            let mut decided = 0;
+            for &i in &leaving {
+                let joined = out.survivor[out.set_of[i] as usize] as usize;
+                assert!(
+                    joined == i - 1 || joined == i + 1,
+                    "{tk:?}: cell {i} joined {joined}"
+                );
+                let (cl, cr) = (mean_cos(&cache, i, i - 1), mean_cos(&cache, i, i + 1));
+                // Closer than f32 rounding over the sums can tell apart: either side is right.
+                if (cl - cr).abs() > 1e-4 {
+                    decided += 1;
+                    let want = if cl > cr { i - 1 } else { i + 1 };
+                    assert_eq!(joined, want, "{tk:?} pad {pad}: cell {i}, cos {cl} / {cr}");
+                }
+            }
+            assert!(
+                decided >= leaving.len() - 2,
+                "{tk:?}: only {decided} cells decided"
+            );
+        }
+    }
+}
+
 #[test]
 fn evict_fold_floor_evicts_what_it_would_not_fold() {
     // EVICT_FOLD frees H2O's cells whatever the floor; the floor only decides whether a freed
@@ -398,21 +480,7 @@ fn evict_fold_floor_evicts_what_it_would_not_fold() {
     // A floor between the two, the median of the cosines the folds had without one: every cell
     // folded is at least that similar to its survivor (the mean over layers and heads of the
     // cosine, as the plan scores it), and the floor bites on some cells but not all.
-    let cos = |a: usize, b: usize| {
-        let mut sum = 0f64;
-        let mut n = 0;
-        for l in &cache.layers {
-            for h in 0..l.n_head {
-                let (x, y) = (l.get_k(a, h), l.get_k(b, h));
-                let dot: f64 = x.iter().zip(&y).map(|(&u, &v)| u as f64 * v as f64).sum();
-                let nx: f64 = x.iter().map(|&u| u as f64 * u as f64).sum::<f64>().sqrt();
-                let ny: f64 = y.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-                sum += dot / (nx * ny);
-                n += 1;
-            }
-        }
-        sum / n as f64
-    };
+    let cos = |a: usize, b: usize| mean_cos(&cache, a, b);
     let folds = |out: &PlanOut| -> Vec<f64> {
         (0..64)
             .filter(|&i| {

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::plan::Plan;
 use super::{Exec, Method, Sigma, ValueMode};
 use crate::error::{Error, Result};
-use crate::layout::{LayerMut, LayerRows};
+use crate::layout::{LayerMut, LayerRows, PREFETCH_AHEAD};
 use crate::simd::Kernels;
 
 pub fn apply(ex: &Exec, plan: &Plan, layers: &mut [LayerMut<'_>]) -> Result<()> {
@@ -246,7 +246,20 @@ fn apply_layer(
     let mut att = vec![0f32; max_m];
     let has_attn = !plan.attn_in.is_empty();
     let sigma_h = head_sigmas(kern, plan, merged, l, &mut keys, &mut d2);
-    for &(sid, mem) in merged {
+    for (k, &(sid, mem)) in merged.iter().enumerate() {
+        // The members' rows are scattered over a cache the model's last pass has just pushed
+        // out of the CPU caches; asking for a later set's rows now overlaps those misses with
+        // this set's arithmetic.
+        if let Some(&(_, ahead)) = merged.get(k + PREFETCH_AHEAD) {
+            for &i in ahead {
+                let c = plan.cells[i] as usize;
+                // Keys are read for the distances even when they are not merged.
+                l.prefetch_k_row(c);
+                if p.merge_values {
+                    l.prefetch_v_row(c);
+                }
+            }
+        }
         let m = mem.len();
         let piv = plan.survivor[sid] as usize;
         let jp = mem

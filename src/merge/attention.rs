@@ -160,7 +160,18 @@ fn unit<L: LayerRows>(
     let kt = &mut kt[..panels * panel_len];
     let hr = hk * dk..(hk + 1) * dk;
     let mut row = vec![0f32; dk];
-    for (panel, pc) in kt.chunks_exact_mut(panel_len).zip(cells.chunks(QK_PANEL)) {
+    for (ip, (panel, pc)) in kt
+        .chunks_exact_mut(panel_len)
+        .zip(cells.chunks(QK_PANEL))
+        .enumerate()
+    {
+        // The window's keys are cold after the model's pass; ask for a later panel's rows
+        // while this one is packed.
+        if let Some(next) = cells.chunks(QK_PANEL).nth(ip + 2) {
+            for &c in next {
+                layer.prefetch_k_head(c as usize, hk);
+            }
+        }
         if g.k.ty == GgmlType::F16 {
             // f16 keys, the usual cache type: widened and transposed in one kernel
             let mut rows: [&[u16]; QK_PANEL] = [&[]; QK_PANEL];

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::calib::Calib;
 use super::Exec;
-use crate::layout::LayerRows;
+use crate::layout::{LayerRows, PREFETCH_AHEAD};
 use crate::simd::Kernels;
 
 /// Cosine that treats zero vectors and non-finite data as "not similar" (−1), so a broken or
@@ -23,33 +23,6 @@ fn cosine(dot: f32, n2a: f32, n2b: f32) -> f32 {
         c.clamp(-1.0, 1.0)
     } else {
         -1.0
-    }
-}
-
-/// Key of `cell`, head `h`, into `buf` (f32), unless the f16 fast path applies.
-struct KeyReader<'a, L: LayerRows> {
-    layer: &'a L,
-    kern: &'static Kernels,
-}
-
-impl<L: LayerRows> KeyReader<'_, L> {
-    fn dot(&self, a: usize, b: usize, h: usize, ba: &mut [f32], bb: &mut [f32]) -> (f32, f32, f32) {
-        let dk = self.layer.geom().dk;
-        let head = |c: usize| self.layer.k_row_f16(c).map(|r| &r[h * dk..(h + 1) * dk]);
-        if let (Some(x), Some(y)) = (head(a), head(b)) {
-            return (
-                self.kern.dot_f16(x, y),
-                self.kern.dot_f16(x, x),
-                self.kern.dot_f16(y, y),
-            );
-        }
-        self.layer.read_k(self.kern, a, h, ba);
-        self.layer.read_k(self.kern, b, h, bb);
-        (
-            self.kern.dot_f32(ba, bb),
-            self.kern.dot_f32(ba, ba),
-            self.kern.dot_f32(bb, bb),
-        )
     }
 }
 
@@ -136,26 +109,65 @@ pub fn pair_sims<L: LayerRows + Sync>(
     cells: &[u32],
     pairs: &[(usize, usize)],
 ) -> Vec<f32> {
+    // A cell usually sits in two pairs (a leaving cell with both neighbours, a survivor with
+    // the runs on both sides), so each row is decoded once per layer into a table, and each
+    // pair is then one `head_dots_f32` call on f32 rows. Widening is exact and that kernel
+    // gives `dot_f32`'s bits, which are `dot_f16`'s on the same halves, so the similarities
+    // are those of per-head dots straight from f16. The rows are scattered and cold after the
+    // model's pass, so a later row is asked for while this one is decoded.
+    let mut slot = vec![u32::MAX; cells.len()];
+    let mut uniq = Vec::new();
+    // Only second members need a stored norm: the pair's own call gives the first one's.
+    let mut second = Vec::new();
+    for &(a, b) in pairs {
+        for i in [a, b] {
+            if slot[i] == u32::MAX {
+                slot[i] = uniq.len() as u32;
+                uniq.push(i);
+                second.push(false);
+            }
+        }
+        second[slot[b] as usize] = true;
+    }
     let per_layer: Vec<Vec<f32>> = ex.pool.install(|| {
         layers
             .par_iter()
             .map(|l| {
                 let g = l.geom();
-                let rd = KeyReader {
-                    layer: l,
-                    kern: ex.kern,
-                };
-                let mut ba = vec![0f32; g.dk];
-                let mut bb = vec![0f32; g.dk];
+                let w = g.n_head * g.dk;
+                let mut rows = vec![0f32; uniq.len() * w];
+                let mut norms = vec![0f32; uniq.len() * g.n_head];
+                let mut self_dots = vec![0f32; g.n_head];
+                for (j, ((&i, row), nr)) in uniq
+                    .iter()
+                    .zip(rows.chunks_exact_mut(w))
+                    .zip(norms.chunks_exact_mut(g.n_head))
+                    .enumerate()
+                {
+                    if let Some(&ahead) = uniq.get(j + PREFETCH_AHEAD) {
+                        l.prefetch_k_row(cells[ahead] as usize);
+                    }
+                    l.read_k_row(ex.kern, cells[i] as usize, row);
+                    if second[j] {
+                        ex.kern.head_dots_f32(row, row, g.dk, &mut self_dots, nr);
+                    }
+                }
+                let mut dots = vec![0f32; g.n_head];
+                let mut na = vec![0f32; g.n_head];
                 pairs
                     .iter()
                     .map(|&(a, b)| {
-                        let (a, b) = (cells[a] as usize, cells[b] as usize);
+                        let (sa, sb) = (slot[a] as usize, slot[b] as usize);
+                        ex.kern.head_dots_f32(
+                            &rows[sa * w..(sa + 1) * w],
+                            &rows[sb * w..(sb + 1) * w],
+                            g.dk,
+                            &mut dots,
+                            &mut na,
+                        );
+                        let nb = &norms[sb * g.n_head..(sb + 1) * g.n_head];
                         (0..g.n_head)
-                            .map(|h| {
-                                let (d, na, nb) = rd.dot(a, b, h, &mut ba, &mut bb);
-                                cosine(d, na, nb)
-                            })
+                            .map(|h| cosine(dots[h], na[h], nb[h]))
                             .sum::<f32>()
                     })
                     .collect()

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Summarize results/cost: the merge cost of H2O and EVICT_FOLD before and after the prefetching
+change (ab/), and the per-phase times of the probe build (phases/)."""
+import collections
+import csv
+import glob
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def ab():
+    rows = collections.defaultdict(list)
+    ppl = collections.defaultdict(set)
+    for f in sorted(glob.glob(os.path.join(HERE, "ab", "*", "ppl.csv"))):
+        lib = os.path.basename(os.path.dirname(f)).split("_")[0]
+        for r in csv.DictReader(open(f)):
+            if r["method"] in ("full", "shift"):
+                continue
+            k = (r["method"], r["text"], r["budget"])
+            rows[k + (lib,)].append(
+                (float(r["merge_ms_per_event"]), 100 * float(r["merge_over_prefill_of_freed"]))
+            )
+            ppl[k].add(r["ppl"])
+    print("merge cost per event, 3 runs each: ms/event and % of the prefill of the freed tokens")
+    print(f"{'method':<11} {'text':<6} {'budget':<6} {'old ms (min/med/max)':<22} {'new ms':<22} "
+          f"{'old %':<20} {'new %':<20}")
+    fmt = lambda v: "/".join(f"{x:.2f}" for x in (min(v), statistics.median(v), max(v)))
+    for k in sorted({k[:3] for k in rows}):
+        o, n = rows[k + ("old",)], rows[k + ("new",)]
+        print(f"{k[0]:<11} {k[1]:<6} {k[2]:<6} {fmt([x[0] for x in o]):<22} {fmt([x[0] for x in n]):<22} "
+              f"{fmt([x[1] for x in o]):<20} {fmt([x[1] for x in n]):<20}")
+    same = all(len(v) == 1 for v in ppl.values())
+    print(f"perplexity identical across libraries and runs: {same}")
+    return same
+
+
+def phases():
+    acc = collections.defaultdict(lambda: collections.defaultdict(list))
+    for f in sorted(glob.glob(os.path.join(HERE, "phases", "*.txt"))):
+        lib, method = os.path.basename(f)[:-4].split("-")[:2]
+        for line in open(f):
+            p = line.split()
+            if len(p) == 11 and p[0] == "probe":
+                for i in range(1, 11, 2):
+                    acc[(lib, method)][p[i]].append(float(p[i + 1]))
+    if not acc:
+        return
+    print("\nper event, inside llama_memory_seq_merge (mean ms over every event of the runs)")
+    names = ["views", "attn", "plan", "apply", "meta"]
+    print(f"{'library':<8} {'method':<11} {'events':>6} " + " ".join(f"{n:>6}" for n in names) + f" {'sum':>6}")
+    for (lib, method), d in sorted(acc.items()):
+        means = [statistics.mean(d[n]) for n in names]
+        print(f"{lib:<8} {method:<11} {len(d['attn']):>6} " + " ".join(f"{m:6.3f}" for m in means)
+              + f" {sum(means):6.3f}")
+
+
+if __name__ == "__main__":
+    ok = ab()
+    phases()
+    sys.exit(0 if ok else 1)
