@@ -18,6 +18,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI = os.path.join(ROOT, "eval", "ci.py")
+COMBINE = os.path.join(ROOT, "eval", "combine.py")
 
 
 def write(d, rows):
@@ -122,6 +123,35 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         r = run(d)
         check(r.returncode != 0 and "no nll_index.csv" in r.stderr, "a directory without NLLs is an error")
+
+    # eval/combine.py: two runs that differ in a process-wide setting, side by side for ci.py.
+    with tempfile.TemporaryDirectory() as d:
+        a, b, c, out = (os.path.join(d, x) for x in ("a", "b", "c", "out"))
+        full = [rng.uniform(0.5, 6.0) for _ in range(500)]
+        for path, h2o, shift in ((a, 0.0, 0.2), (b, 0.1, 0.2), (c, 0.0, 0.3)):
+            os.makedirs(path)
+            write(path, [("t", 0, "0.500", "full", full),
+                         ("t", 0, "0.500", "shift", [x + shift for x in full]),
+                         ("t", 0, "0.500", "h2o", [x + h2o for x in full])])
+        r = subprocess.run([sys.executable, COMBINE, out, a + ":q4", b + ":q16"], capture_output=True, text=True)
+        check(r.returncode == 0, f"combine.py exits 0 (stderr: {r.stderr.strip()[:200]})")
+        if r.returncode == 0:
+            with open(os.path.join(out, "nll_index.csv"), newline="") as f:
+                names = [row["method"] for row in csv.DictReader(f)]
+            check(names == ["full", "shift", "h2o_q4", "h2o_q16"],
+                  f"full and shift once, every other method renamed per run: {names}")
+            r = run(out, "--ref", "h2o_q4")
+            if r.returncode == 0:
+                cmp = table(out, "cmp.csv")[("t", "0.500", "h2o_q16")]
+                r_pct = 100 * math.expm1(-0.1)
+                check(close(cmp["ppl_ratio_pct"], r_pct, 1e-3),
+                      f"ci.py compares the combined rows token by token: {cmp['ppl_ratio_pct']} = {r_pct:.3f} %")
+            else:
+                check(False, f"ci.py reads the combined run (stderr: {r.stderr.strip()[:200]})")
+        r = subprocess.run([sys.executable, COMBINE, os.path.join(d, "out2"), a + ":q4", c + ":q16"],
+                           capture_output=True, text=True)
+        check(r.returncode != 0 and "differs" in r.stderr and not os.path.exists(os.path.join(d, "out2")),
+              "runs whose shift rows differ are refused and nothing is written")
 
     if fails:
         print(f"{len(fails)} check(s) failed", file=sys.stderr)
