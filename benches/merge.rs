@@ -186,6 +186,21 @@ fn pass_times(
     (t_plan, t_apply)
 }
 
+/// [`pass_times`] of a ctx of its own running `method` with the bench's other settings.
+fn method_pass_times(
+    method: kvm_method,
+    views: &[kvm_layer_view],
+    cells: &[u32],
+    n_free: u32,
+    reps: usize,
+) -> (Duration, Duration) {
+    let mc = ctx_of(method);
+    let t = pass_times(mc, views, cells, n_free, reps);
+    // SAFETY: from kvm_ctx_init.
+    unsafe { kvm_ctx_free(mc) };
+    t
+}
+
 fn min_time(reps: usize, mut f: impl FnMut()) -> Duration {
     (0..reps)
         .map(|_| {
@@ -261,10 +276,7 @@ fn report(s: &'static Shape, c: &mut Criterion) {
         kvm_method::KVM_METHOD_H2O,
         kvm_method::KVM_METHOD_EVICT_FOLD,
     ] {
-        let mc = ctx_of(m);
-        let (tp, ta) = pass_times(mc, &views, &cells, n_free, reps);
-        // SAFETY: from kvm_ctx_init.
-        unsafe { kvm_ctx_free(mc) };
+        let (tp, ta) = method_pass_times(m, &views, &cells, n_free, reps);
         per_method.push((tp + ta).as_secs_f64() * 1e3);
     }
     per_method.push(t_pass.as_secs_f64() * 1e3);
@@ -289,10 +301,7 @@ fn report(s: &'static Shape, c: &mut Criterion) {
         kvm_method::KVM_METHOD_H2O,
         kvm_method::KVM_METHOD_EVICT_FOLD,
     ] {
-        let mc = ctx_of(m);
-        let (tp, ta) = pass_times(mc, &views, win, 128, 3 * reps);
-        // SAFETY: from kvm_ctx_init.
-        unsafe { kvm_ctx_free(mc) };
+        let (tp, ta) = method_pass_times(m, &views, win, 128, 3 * reps);
         line.push((tp.as_secs_f64() * 1e3, ta.as_secs_f64() * 1e3));
     }
     println!(

@@ -12,10 +12,11 @@ have the same NLLs bit for bit in each, or combine.py stops: otherwise the runs 
 the same tokens under the same model. OUT gets nll.bin and nll_index.csv in the format of
 kvm_eval.
 """
-SHARED = ("full", "shift")
 import csv
 import os
 import sys
+
+SHARED = ("full", "shift")  # the references ci.py measures every gap against
 
 
 def load(d):

@@ -455,6 +455,12 @@ fn head_range(g: &Geom, r: usize, h: usize, d: usize) -> std::ops::Range<usize> 
     start..start + g.ty.row_size(d)
 }
 
+/// Byte range of the first `w` elements of row `r`: every head, the padding left out.
+#[inline]
+fn row_range(g: &Geom, r: usize, w: usize) -> std::ops::Range<usize> {
+    head_range(g, r, 0, w)
+}
+
 /// Reading a layer, shared by [`LayerRef`] and [`LayerMut`].
 pub trait LayerRows {
     fn geom(&self) -> &LayerGeom;
@@ -476,9 +482,8 @@ pub trait LayerRows {
     /// is not read).
     fn read_k_row(&self, kern: &Kernels, cell: usize, out: &mut [f32]) {
         let g = self.geom();
-        let start = cell * g.k.nb1;
-        let n = g.k.ty.row_size(g.n_head * g.dk);
-        decode(kern, g.k.ty, &self.k_bytes()[start..start + n], out);
+        let r = row_range(&g.k, cell, g.n_head * g.dk);
+        decode(kern, g.k.ty, &self.k_bytes()[r], out);
     }
 
     /// All heads of cell `cell`'s value as f32 into `out` (`out.len() == n_head·dv`).
@@ -497,9 +502,8 @@ pub trait LayerRows {
                 );
             }
         } else {
-            let start = cell * g.v.nb1;
-            let n = g.v.ty.row_size(g.n_head * g.dv);
-            decode(kern, g.v.ty, &self.v_bytes()[start..start + n], out);
+            let r = row_range(&g.v, cell, g.n_head * g.dv);
+            decode(kern, g.v.ty, &self.v_bytes()[r], out);
         }
     }
 
@@ -508,9 +512,7 @@ pub trait LayerRows {
     /// and changes nothing, and a cell outside the view is ignored.
     fn prefetch_k_row(&self, cell: usize) {
         let g = self.geom();
-        let start = cell * g.k.nb1;
-        let n = g.k.ty.row_size(g.n_head * g.dk);
-        if let Some(row) = self.k_bytes().get(start..start + n) {
+        if let Some(row) = self.k_bytes().get(row_range(&g.k, cell, g.n_head * g.dk)) {
             prefetch(row);
         }
     }
@@ -518,9 +520,7 @@ pub trait LayerRows {
     /// As [`LayerRows::prefetch_k_row`] for KV head `h` of the key row only.
     fn prefetch_k_head(&self, cell: usize, h: usize) {
         let g = self.geom();
-        let w = g.k.ty.row_size(g.dk);
-        let start = cell * g.k.nb1 + h * w;
-        if let Some(part) = self.k_bytes().get(start..start + w) {
+        if let Some(part) = self.k_bytes().get(head_range(&g.k, cell, h, g.dk)) {
             prefetch(part);
         }
     }
@@ -532,9 +532,7 @@ pub trait LayerRows {
         if g.v_trans {
             return;
         }
-        let start = cell * g.v.nb1;
-        let n = g.v.ty.row_size(g.n_head * g.dv);
-        if let Some(row) = self.v_bytes().get(start..start + n) {
+        if let Some(row) = self.v_bytes().get(row_range(&g.v, cell, g.n_head * g.dv)) {
             prefetch(row);
         }
     }
@@ -542,10 +540,8 @@ pub trait LayerRows {
     /// Raw f16 key bits of all heads of `cell` (padding excluded), when K is f16.
     fn k_row_f16(&self, cell: usize) -> Option<&[u16]> {
         let g = self.geom();
-        (g.k.ty == GgmlType::F16).then(|| {
-            let start = cell * g.k.nb1;
-            as_u16(&self.k_bytes()[start..start + 2 * g.n_head * g.dk])
-        })
+        (g.k.ty == GgmlType::F16)
+            .then(|| as_u16(&self.k_bytes()[row_range(&g.k, cell, g.n_head * g.dk)]))
     }
 }
 
@@ -577,9 +573,8 @@ impl LayerMut<'_> {
     /// Writes all heads of cell `cell`'s key (`src.len() == n_head·dk`; padding untouched).
     pub fn write_k_row(&mut self, kern: &Kernels, cell: usize, src: &[f32]) {
         let g = self.geom;
-        let start = cell * g.k.nb1;
-        let n = g.k.ty.row_size(g.n_head * g.dk);
-        encode(kern, g.k.ty, src, &mut self.k[start..start + n]);
+        let r = row_range(&g.k, cell, g.n_head * g.dk);
+        encode(kern, g.k.ty, src, &mut self.k[r]);
     }
 
     /// Writes all heads of cell `cell`'s value (`src.len() == n_head·dv`).
@@ -597,9 +592,8 @@ impl LayerMut<'_> {
                 );
             }
         } else {
-            let start = cell * g.v.nb1;
-            let n = g.v.ty.row_size(g.n_head * g.dv);
-            encode(kern, g.v.ty, src, &mut self.v[start..start + n]);
+            let r = row_range(&g.v, cell, g.n_head * g.dv);
+            encode(kern, g.v.ty, src, &mut self.v[r]);
         }
     }
 }
