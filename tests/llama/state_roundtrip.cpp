@@ -396,6 +396,32 @@ int main(int argc, char ** argv) {
                 fmt("[%s] a merge while the K-shift of the last one is pending is refused with -3", tag).c_str(),
                 fmt("first %d, second %d", r1, r2));
 
+        // positions close up in one ordered pass, or cell by cell where a cell past the window also
+        // carries another sequence: both leave seq 0 with the same bytes after the next decode (K-shift
+        // included), and the shared cells move for both sequences, as seq_add moves them
+        std::vector<uint8_t> by_pass, by_cell;
+        int32_t rp = 0, rc = 0;
+        llama_pos pmax1 = -1;
+        for (const bool share : { false, true }) {
+            llama_context * c = make_ctx(model, fa, 2);
+            llama_memory_t  m = llama_get_memory(c);
+            decode(c, first, 0);
+            if (share) {
+                llama_memory_seq_cp(m, 0, 1, 110, 120);
+            }
+            (share ? rc : rp) = llama_memory_seq_merge(c, 0, 4, 100, 20, nullptr, nullptr);
+            if (share) {
+                pmax1 = llama_memory_seq_pos_max(m, 1);
+                llama_memory_seq_rm(m, 1, -1, -1);
+            }
+            decode(c, {prompt[120]}, 100); // applies the K-shift, so the shifts are compared too
+            (share ? by_cell : by_pass) = get_state(c, 0);
+            llama_free(c);
+        }
+        check(rp == 20 && rc == 20 && !by_pass.empty() && by_pass == by_cell && pmax1 == 99,
+                fmt("[%s] closing up positions in one pass = cell by cell (cells past the window shared)", tag).c_str(),
+                fmt("returned %d/%d, states %s, seq 1 pos_max %d", rp, rc, by_pass == by_cell ? "same" : "differ", pmax1));
+
         // bad arguments (after a decode, so that no K-shift is pending)
         decode(ctx, {prompt[120]}, 100);
         const int32_t a1 = llama_memory_seq_merge(ctx, 0, 4, 100, 500, nullptr, nullptr); // more than the window
