@@ -11,10 +11,12 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def ab():
+def ab(runs=os.path.join(HERE, "ab", "*", "ppl.csv"), n_runs=3):
+    """The old/new cost table of the run directories `runs` (named <lib>_<text>_<run>); True
+    when every perplexity is the same across libraries and runs."""
     rows = collections.defaultdict(list)
     ppl = collections.defaultdict(set)
-    for f in sorted(glob.glob(os.path.join(HERE, "ab", "*", "ppl.csv"))):
+    for f in sorted(glob.glob(runs)):
         lib = os.path.basename(os.path.dirname(f)).split("_")[0]
         for r in csv.DictReader(open(f)):
             if r["method"] in ("full", "shift"):
@@ -24,7 +26,7 @@ def ab():
                 (float(r["merge_ms_per_event"]), 100 * float(r["merge_over_prefill_of_freed"]))
             )
             ppl[k].add(r["ppl"])
-    print("merge cost per event, 3 runs each: ms/event and % of the prefill of the freed tokens")
+    print(f"merge cost per event, {n_runs} runs each: ms/event and % of the prefill of the freed tokens")
     print(f"{'method':<11} {'text':<6} {'budget':<6} {'old ms (min/med/max)':<22} {'new ms':<22} "
           f"{'old %':<20} {'new %':<20}")
     fmt = lambda v: "/".join(f"{x:.2f}" for x in (min(v), statistics.median(v), max(v)))
@@ -37,24 +39,38 @@ def ab():
     return same
 
 
+PHASES = ["views", "attn", "plan", "apply", "meta"]
+
+
+def add_probe(path, into):
+    """Appends each phase's ms of every probe line of `path` to into[phase]."""
+    for line in open(path):
+        p = line.split()
+        if len(p) == 11 and p[0] == "probe":
+            for i in range(1, 11, 2):
+                into[p[i]].append(float(p[i + 1]))
+
+
+def print_phases(title, acc):
+    """One row of phase means per key of `acc` (a tuple of labels, e.g. library and method)."""
+    print(f"\nper event, inside llama_memory_seq_merge{title} (mean ms over every event of the runs)")
+    width = len(next(iter(acc)))
+    heads = ["library", "method"][:width]
+    print(" ".join(f"{h:<{w}}" for h, w in zip(heads, (8, 11))) + f" {'events':>6} "
+          + " ".join(f"{n:>6}" for n in PHASES) + f" {'sum':>6}")
+    for key, d in sorted(acc.items()):
+        means = [statistics.mean(d[n]) for n in PHASES]
+        print(" ".join(f"{k:<{w}}" for k, w in zip(key, (8, 11))) + f" {len(d['attn']):>6} "
+              + " ".join(f"{m:6.3f}" for m in means) + f" {sum(means):6.3f}")
+
+
 def phases():
     acc = collections.defaultdict(lambda: collections.defaultdict(list))
     for f in sorted(glob.glob(os.path.join(HERE, "phases", "*.txt"))):
         lib, method = os.path.basename(f)[:-4].split("-")[:2]
-        for line in open(f):
-            p = line.split()
-            if len(p) == 11 and p[0] == "probe":
-                for i in range(1, 11, 2):
-                    acc[(lib, method)][p[i]].append(float(p[i + 1]))
-    if not acc:
-        return
-    print("\nper event, inside llama_memory_seq_merge (mean ms over every event of the runs)")
-    names = ["views", "attn", "plan", "apply", "meta"]
-    print(f"{'library':<8} {'method':<11} {'events':>6} " + " ".join(f"{n:>6}" for n in names) + f" {'sum':>6}")
-    for (lib, method), d in sorted(acc.items()):
-        means = [statistics.mean(d[n]) for n in names]
-        print(f"{lib:<8} {method:<11} {len(d['attn']):>6} " + " ".join(f"{m:6.3f}" for m in means)
-              + f" {sum(means):6.3f}")
+        add_probe(f, acc[(lib, method)])
+    if acc:
+        print_phases("", acc)
 
 
 if __name__ == "__main__":
