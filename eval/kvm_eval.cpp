@@ -679,14 +679,14 @@ struct Feeder {
     const Method & m;
     const Opts & o;
     int C;                    // capacity (cells)
-    int n_keep;               // kept at the start, never compressed (o.n_keep; a retrieval prompt's header)
+    const int n_keep;         // kept at the start, never compressed (o.n_keep; a retrieval prompt's header)
     int n_past = 0;
     Stats st;
     llama_batch batch;
 
     llama_kv_merge_params p;  // m.p, with n_recent scaled to the capacity if the method asks
 
-    Feeder(Model & M_, Ctx & X_, const Method & m_, const Opts & o_, int C_) : M(M_), X(X_), m(m_), o(o_), C(C_), n_keep(o_.n_keep) {
+    Feeder(Model & M_, Ctx & X_, const Method & m_, const Opts & o_, int C_, int n_keep_) : M(M_), X(X_), m(m_), o(o_), C(C_), n_keep(n_keep_) {
         batch = llama_batch_init(std::max(o.B, 512), 0, 1);
         p = m.p;
         if (m.recent_frac > 0) {
@@ -992,7 +992,7 @@ static bool make_calib(Model & M, const Opts & o, const std::vector<Method> & me
     const Method * full = nullptr;
     for (const auto & m : methods) if (m.is_full) full = &m;
     auto g = new_ctx(M, (int) toks.size(), o.B);
-    Feeder f(M, g->c, *full, o, (int) toks.size());
+    Feeder f(M, g->c, *full, o, (int) toks.size(), o.n_keep);
     f.feed(toks.data(), (int) toks.size(), nullptr, nullptr);
     const int32_t n = llama_memory_seq_merge_calibrate(g->c.ctx, 0, o.calib.c_str());
     if (n < 0) {
@@ -1237,7 +1237,7 @@ int main(int argc, char ** argv) {
                 {
                     auto XG = new_ctx(M, N + o.n_gen_bench + 64, o.B);
                     Ctx & X = XG->c;
-                    Feeder f(M, X, *full_m, o, X.n_ctx);
+                    Feeder f(M, X, *full_m, o, X.n_ctx, o.n_keep);
                     Prefix none;
                     feed_with_prefix(f, none, win, N, [&](int t) { return t + 1 >= minC && t + 1 < N; },
                                      [&](int t, const float * l) { nll_full[t + 1] = nll_of(l, M.n_vocab, win[t + 1]); });
@@ -1295,7 +1295,7 @@ int main(int argc, char ** argv) {
                         if (!want_here && !m.is_shift) continue;
                         auto XG = new_ctx(M, C, o.B);
                         Ctx & X = XG->c;
-                        Feeder f(M, X, m, o, C);
+                        Feeder f(M, X, m, o, C, o.n_keep);
                         double sum = 0;
                         long cnt = 0;
                         std::vector<float> nll;
@@ -1366,8 +1366,7 @@ int main(int argc, char ** argv) {
                 if (m.group != "main" && !m.is_shift && !(o.full && std::find(o.abl_budgets.begin(), o.abl_budgets.end(), b) != o.abl_budgets.end())) continue;
                 auto XG = new_ctx(M, C, o.B);
                 Ctx & X = XG->c;
-                Feeder f(M, X, m, o, C);
-                f.n_keep = n_keep;
+                Feeder f(M, X, m, o, C, n_keep);
                 feed_with_prefix(f, pre, hay, N, nullptr, nullptr);
                 if (!full) f.compress((int) qmax + n_gen);
                 if (cp > 0) f.feed(qs[0].toks.data(), (int) cp, nullptr, nullptr);
