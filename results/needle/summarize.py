@@ -11,7 +11,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNS = ["h2o-q4-g0", "h2o-q64-g0", "h2o-q4-g1", "h2o-q64-g1",
+RUNS = ["h2o-q4-g0", "h2o-q64-g0", "h2o-q4-g1", "h2o-q64-g1", "h2o-max-q4", "h2o-max-q64",
         "ef-q4-g0", "ef-q64-g0", "ef-q64-g1", "pin"]
 
 
