@@ -643,6 +643,8 @@ struct Stats {
     int    partial = 0;       // events where the merge freed fewer cells than asked (rest discarded)
     int    last_refusal = 0;
     double merge_ms = 0;      // time in compression calls
+    double first_ms = 0;      // the first of them, which also starts the context's kvmerger handle
+    long   first_freed = 0;   // cells the first one freed
     double decode_ms = 0;     // time in llama_decode (prompt batches)
     long   decoded = 0;       // tokens decoded
     double gen_ms = 0;        // time in single-token decodes (generation)
@@ -755,7 +757,12 @@ struct Feeder {
                 n_past += r;
             }
         }
-        st.merge_ms += now_ms() - t0;
+        const double dt = now_ms() - t0;
+        if (st.events == 0) {
+            st.first_ms    = dt;
+            st.first_freed = n_free;
+        }
+        st.merge_ms += dt;
         st.events++;
         st.freed += n_free;
         n_past -= n_free;
@@ -1205,8 +1212,8 @@ int main(int argc, char ** argv) {
         printf("\n== streaming perplexity: window %d, batch %d, n_keep %d, per-event free %s\n", o.W, o.B, o.n_keep,
                o.n_free_frac > 0 ? fmt("%.3f x capacity (shift: half)", o.n_free_frac).c_str()
                : o.n_free > 0 ? fmt("%d (shift: half)", o.n_free).c_str() : "half (as context shift)");
-        printf("%-8s %3s %6s %-22s %9s %8s %7s %6s %9s %9s %7s %8s %6s\n", "text", "win", "budget", "method", "ppl", "gap_cl",
-               "events", "fallbk", "merge_ms", "ms/event", "m/pref", "kv_MiB", "tok/s");
+        printf("%-8s %3s %6s %-22s %9s %8s %7s %6s %9s %9s %7s %7s %8s %6s\n", "text", "win", "budget", "method", "ppl", "gap_cl",
+               "events", "fallbk", "merge_ms", "ms/event", "m/pref", "later", "kv_MiB", "tok/s");
         fflush(stdout);
         for (const auto & [tname, toks] : T) {
             const int body = o.W - (M.add_bos ? 1 : 0);
@@ -1266,9 +1273,11 @@ int main(int argc, char ** argv) {
                         const double gap = std::isfinite(ppl_shift) && ppl_shift != ppl_full ? (ppl_shift - ppl) / (ppl_shift - ppl_full) : NAN;
                         const double mpe = st.events ? st.merge_ms / st.events : 0;
                         const double rel = st.freed ? st.merge_ms / (st.freed * full_ms_per_tok) : 0;
+                        // what a long session pays per event: every event but the context's first
+                        const double rel_later = st.events > 1 ? (st.merge_ms - st.first_ms) / ((st.freed - st.first_freed) * full_ms_per_tok) : NAN;
                         const double kv = Cm * mib_per_cell;
-                        printf("%-8s %3d %6.3f %-22s %9.4f %8.3f %7d %6d %9.1f %9.2f %7.4f %8.2f %6.1f%s\n", tname.c_str(), w, b,
-                               m.name.c_str(), ppl, gap, st.events, st.fallbacks, st.merge_ms, mpe, rel, kv, tps,
+                        printf("%-8s %3d %6.3f %-22s %9.4f %8.3f %7d %6d %9.1f %9.2f %7.4f %7.4f %8.2f %6.1f%s\n", tname.c_str(), w, b,
+                               m.name.c_str(), ppl, gap, st.events, st.fallbacks, st.merge_ms, mpe, rel, rel_later, kv, tps,
                                st.pos_mismatch ? "  POS-MISMATCH" : "");
                         fflush(stdout);
                         R.ppl.add(Row().s("text", tname).i("window_idx", w).i("W", N).f("budget", b, 3).i("capacity", Cm)
@@ -1276,7 +1285,8 @@ int main(int argc, char ** argv) {
                             .f("gap_closed", gap).i("n_scored", n_sc).i("events", st.events).i("freed", st.freed)
                             .i("fallbacks", st.fallbacks).i("partial", st.partial).i("last_refusal", st.last_refusal)
                             .f("merge_ms_total", st.merge_ms, 2).f("merge_ms_per_event", mpe, 3)
-                            .f("merge_over_prefill_of_freed", rel, 5).f("prefill_ms_per_token_full", full_ms_per_tok, 3)
+                            .f("merge_over_prefill_of_freed", rel, 5).f("merge_ms_first", st.first_ms, 3)
+                            .f("merge_over_prefill_after_first", rel_later, 5).f("prefill_ms_per_token_full", full_ms_per_tok, 3)
                             .f("decode_ms_total", st.decode_ms, 1).f("kv_mib", kv, 3).f("kv_mib_allocated", n_alloc * mib_per_cell, 3).f("decode_tok_s", tps, 2)
                             .f("decode_tok_s_full", full_tps, 2).i("pos_mismatch", st.pos_mismatch).s("status", status_of(st)));
                     };
