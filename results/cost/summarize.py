@@ -11,30 +11,39 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def ab(runs=os.path.join(HERE, "ab", "*", "ppl.csv"), n_runs=3):
-    """The old/new cost table of the run directories `runs` (named <lib>_<text>_<run>); True
-    when every perplexity is the same across libraries and runs."""
+def spread(v):
+    """min/median/max of `v`, as the cost tables print them."""
+    return "/".join(f"{x:.2f}" for x in (min(v), statistics.median(v), max(v)))
+
+
+def load_costs(runs, cols, label=lambda path: ()):
+    """The columns `cols` ((name, scale) pairs) of every compressing row of the ppl.csv files
+    matching `runs`, as {(method, text, budget) + label(path): [values of one row, ...]}; and
+    True when each (method, text, budget) has the same perplexity in every file."""
     rows = collections.defaultdict(list)
     ppl = collections.defaultdict(set)
     for f in sorted(glob.glob(runs)):
-        lib = os.path.basename(os.path.dirname(f)).split("_")[0]
         for r in csv.DictReader(open(f)):
             if r["method"] in ("full", "shift"):
                 continue
             k = (r["method"], r["text"], r["budget"])
-            rows[k + (lib,)].append(
-                (float(r["merge_ms_per_event"]), 100 * float(r["merge_over_prefill_of_freed"]))
-            )
+            rows[k + label(f)].append(tuple(scale * float(r[c]) for c, scale in cols))
             ppl[k].add(r["ppl"])
+    return rows, all(len(v) == 1 for v in ppl.values())
+
+
+def ab(runs=os.path.join(HERE, "ab", "*", "ppl.csv"), n_runs=3):
+    """The old/new cost table of the run directories `runs` (named <lib>_<text>_<run>); True
+    when every perplexity is the same across libraries and runs."""
+    rows, same = load_costs(runs, [("merge_ms_per_event", 1), ("merge_over_prefill_of_freed", 100)],
+                            lambda f: (os.path.basename(os.path.dirname(f)).split("_")[0],))
     print(f"merge cost per event, {n_runs} runs each: ms/event and % of the prefill of the freed tokens")
     print(f"{'method':<11} {'text':<6} {'budget':<6} {'old ms (min/med/max)':<22} {'new ms':<22} "
           f"{'old %':<20} {'new %':<20}")
-    fmt = lambda v: "/".join(f"{x:.2f}" for x in (min(v), statistics.median(v), max(v)))
     for k in sorted({k[:3] for k in rows}):
         o, n = rows[k + ("old",)], rows[k + ("new",)]
-        print(f"{k[0]:<11} {k[1]:<6} {k[2]:<6} {fmt([x[0] for x in o]):<22} {fmt([x[0] for x in n]):<22} "
-              f"{fmt([x[1] for x in o]):<20} {fmt([x[1] for x in n]):<20}")
-    same = all(len(v) == 1 for v in ppl.values())
+        print(f"{k[0]:<11} {k[1]:<6} {k[2]:<6} {spread([x[0] for x in o]):<22} {spread([x[0] for x in n]):<22} "
+              f"{spread([x[1] for x in o]):<20} {spread([x[1] for x in n]):<20}")
     print(f"perplexity identical across libraries and runs: {same}")
     return same
 

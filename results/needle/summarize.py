@@ -36,12 +36,12 @@ def main():
         t, depths = tally(os.path.join(run, "passkey.csv"))
         first = first or (t, depths)
         for m in sorted({m for m, _ in t} - {"full", "shift"}):
-            rows.append((os.path.basename(run.rstrip("/")), m, [t[(m, d)] for d in depths], depths))
+            rows.append((os.path.basename(run.rstrip("/")), m, [t[(m, d)] for d in depths]))
     t, depths = first
     print(f"{'run':<12} {'method':<16} " + " ".join(f"{d:>5}%" for d in depths))
     for name, m in (("(first run)", "full"), ("(first run)", "shift")):
         print(f"{name:<12} {m:<16} " + " ".join(f"{t[(m, d)][0]:>3}/{t[(m, d)][1]}" for d in depths))
-    for name, m, cells, ds in rows:
+    for name, m, cells in rows:
         print(f"{name:<12} {m:<16} " + " ".join(f"{c:>3}/{n}" for c, n in cells))
 
 
