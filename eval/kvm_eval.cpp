@@ -204,7 +204,7 @@ struct NllDump {
 struct Opts {
     std::string model;
     std::vector<std::pair<std::string, std::string>> texts; // name, path
-    std::string out = "results/run";
+    std::string out = "out/run";
     bool full = false;
     int  threads = 2;
     int  W = 2048;            // window of the streaming-PPL task (tokens per window)
@@ -258,7 +258,7 @@ static std::vector<double> parse_doubles(const std::string & s) {
 static void usage() {
     fprintf(stderr,
         "usage: kvm_eval -m MODEL --text NAME=PATH [--text ...] [options]\n"
-        "  --out DIR              results directory (default results/run)\n"
+        "  --out DIR              results directory (default out/run)\n"
         "  --full                 the full evaluation (3 windows/text, budget sweep, ablations, 3 keys/depth)\n"
         "  -t N                   threads (default 2)\n"
         "  --window W             streaming-PPL window in tokens (default 2048)\n"

@@ -2,7 +2,8 @@
 # The main job, from nothing: build the patched llama.cpp (with libkvmerger linked in), fetch
 # SmolLM2-135M-Instruct, show llama-completion generating far past a 256-cell context with
 # --kv-merge (one log line per merge), then run the short evaluation: every method at the same
-# memory on two long texts (tables on stdout, CSV/JSON/PNG under results/short).
+# memory on two long texts (tables on stdout, CSV/JSON/PNG under out/short, which git ignores:
+# the demo leaves the tree as it found it).
 #   scripts/demo.sh            all of the above
 #   scripts/demo.sh --no-eval  only the build and the llama-completion run
 set -euo pipefail

@@ -8,15 +8,19 @@
 #   scripts/eval.sh --full          the full run: 3 windows per text, budget sweep 25-75 %, all
 #                                   ablations, 2k haystacks, 3 keys per depth (hours on 2 cores)
 #   scripts/eval.sh [--full] -- ARGS   extra arguments for the harness (build/eval/kvm_eval -h)
+#   scripts/eval.sh --update-reference  the short run, written over the committed reference
+#                                   results/short (then review and commit it)
 #
 # Steps: build the patched llama.cpp only if its tools are missing (scripts/build-llama.sh),
 # build the harness (scripts/build-eval.sh), fetch the model (scripts/fetch-model.sh), prepare two
 # long texts any Debian machine with Python has (the GPL-3 text and the prose of Python's
 # pydoc topics), run, plot (installs matplotlib with pip if missing), intervals (eval/ci.py).
 #
-# Results: results/<run>/ (ppl.csv, passkey.csv, kvqa.csv, methods.csv, results.json, *.png,
-# log.txt, nll.bin + nll_index.csv, and from eval/ci.py ci.txt, ci.csv, cmp.csv).
-# Env: KVM_RUN (run name, default short|full), KVM_THREADS (default 2), KVM_MODEL.
+# Results: out/<run>/, ignored by git, so no run dirties the tree (ppl.csv, passkey.csv, kvqa.csv,
+# methods.csv, results.json, *.png, log.txt, nll.bin + nll_index.csv, and from eval/ci.py ci.txt,
+# ci.csv, cmp.csv; the texts and any calibration profile in out/<run>/texts/, also ignored).
+# Env: KVM_RUN (run name, default short|full), KVM_OUT (output directory, default out/<run>),
+#      KVM_THREADS (default 2), KVM_MODEL.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,16 +28,26 @@ cd "$REPO"
 
 MODE=short
 EXTRA=()
+UPDATE_REF=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --full) MODE=full; shift ;;
+        --update-reference) UPDATE_REF=1; shift ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "eval: unknown argument $1 (extra harness arguments go after --)" >&2; exit 1 ;;
     esac
 done
 RUN="${KVM_RUN:-$MODE}"
-OUT="$REPO/results/$RUN"
+OUT="${KVM_OUT:-$REPO/out/$RUN}"
+if [ "$UPDATE_REF" = 1 ]; then
+    # the committed reference is the plain short run, nothing else
+    if [ "$MODE" != short ] || [ ${#EXTRA[@]} -gt 0 ] || [ -n "${KVM_OUT:-}" ]; then
+        echo "eval: --update-reference is the plain short run (no --full, no KVM_OUT, no extra arguments)" >&2
+        exit 1
+    fi
+    OUT="$REPO/results/short"
+fi
 THREADS="${KVM_THREADS:-2}"
 BLD="${KVM_BUILD_DIR:-$REPO/build/llama.cpp-build}"
 
@@ -55,8 +69,9 @@ TXT="$OUT/texts"
 mkdir -p "$TXT"
 # Prose of the Python language reference, as shipped with every CPython (pydoc_data/topics.py),
 # in three sets of topics: pydoc, the second text; pydoc2, the second text where Debian's
-# GPL-3 text is missing and the third one of results/windows3; calib, the text the calibration
-# profile of the *_calib ablations comes from, which the PPL task never scores.
+# GPL-3 text is missing and the third text of the three-window runs (docs/findings.md); calib,
+# the text the calibration profile of the *_calib ablations comes from, which the PPL task never
+# scores.
 python3 - "$TXT" <<'PY'
 import os
 import sys
@@ -78,8 +93,9 @@ else
 fi
 
 # 5. run
+# the profile goes beside the texts, which git ignores, also under results/short
 ARGS=(-m "$MODEL" --text "$T1=$TXT/$T1.txt" --text "pydoc=$TXT/pydoc.txt" --out "$OUT" -t "$THREADS"
-      --calib-text "$TXT/calib.txt")
+      --calib-text "$TXT/calib.txt" --calib "$TXT/calib.profile")
 [ "$MODE" = full ] && ARGS+=(--full)
 echo "eval: build/eval/kvm_eval ${ARGS[*]} ${EXTRA[*]:-}" >&2
 start=$(date +%s)
