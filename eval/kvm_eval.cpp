@@ -652,7 +652,7 @@ struct Stats {
     int    pos_mismatch = 0;  // pos_max + 1 != n_past after a compression (should stay 0)
 };
 
-// The patch's mapping from llama_kv_merge_params to kvm_params (llama_kv_merge_seq), then the
+// The patch's mapping from llama_kv_merge_params to kvm_params (llama_kv_cache::seq_merge), then the
 // method's own knobs: what a method runs with, for the rows that need a knob the llama fields
 // lack and for methods.csv.
 static kvm_params kvm_params_of(const llama_kv_merge_params & p, const Method & m) {

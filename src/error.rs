@@ -1,6 +1,6 @@
 //! The one internal error type. Every failure inside the crate is an `Error`; the C boundary
 //! maps it to a stable `kvm_status` code (src/ffi/status.rs) and keeps its message for
-//! `kvm_ctx_last_error`.
+//! `kvm_last_error`.
 
 use std::fmt;
 

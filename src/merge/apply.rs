@@ -2,7 +2,8 @@
 //!
 //! Per layer and KV head, a set of members `i` with pivot `p` becomes
 //! `g_i = exp(−d_i² / 2σ²)`, `d_i = ‖k_p − k_i‖`, `w_i ∝ count_i · g_i`,
-//! `k* = Σ w_i k_i`, `v* = Σ w_i v_i` (method.md), with `2σ² = d̄²` (d̄ the mean of the d_i,
+//! `k* = Σ w_i k_i`, `v* = Σ w_i v_i`, with `2σ² = d̄²` (docs/method.md, "Kernel width σ";
+//! d̄ the mean of the d_i,
 //! pivot included as 0) unless σ is fixed, relative (`σ = r·d̄`) or per layer (`σ = r·s`, s
 //! the event's rms member distance in that layer and head); with `Sigma::Attention`,
 //! `w_i ∝ a_i` (the members' accumulated attention) instead. Arithmetic is f32; the result

@@ -1,4 +1,5 @@
-//! Accumulated attention, the pivot's criterion (method.md row 4), from what a host can give.
+//! Accumulated attention, the pivot's criterion (docs/method.md, "Pivot and accumulated
+//! attention"), from what a host can give.
 //!
 //! * Query rows: the host keeps a few recent post-RoPE query rows per layer (this works with
 //!   flash attention and on any backend). Each query head's softmax over the given cells is

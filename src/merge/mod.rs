@@ -24,7 +24,7 @@ use crate::simd::Kernels;
 /// Which cells leave, and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
-    /// KVMerger as we read the paper (method.md): merge runs of adjacent, key-similar cells.
+    /// KVMerger as we read the paper (docs/method.md): merge runs of adjacent, key-similar cells.
     KvMerger,
     /// llama.cpp's context shift: drop the oldest cells of the window, no protection.
     ContextShift,
@@ -49,7 +49,8 @@ pub enum Pivot {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Sigma {
-    /// `2σ² = d̄²`, d̄ the mean distance of the set's keys to the pivot (method.md row 1).
+    /// `2σ² = d̄²`, d̄ the mean distance of the set's keys to the pivot (docs/method.md,
+    /// "Kernel width σ").
     Adaptive,
     /// A fixed σ, for ablations.
     Fixed(f32),
@@ -110,7 +111,7 @@ pub struct Params {
 // measured (results/evict-fold): against KVMerger as we read it, 5.2 % / 3.0 % lower perplexity
 // on SmolLM2 and 4.9 % / 2.7 % on held-out Qwen2.5-Coder windows at 35 % / 50 % of the cache.
 // The other fields are KVMerger's, so a host that sets `method` to KvMerger gets the reading
-// of method.md unchanged.
+// of docs/method.md unchanged.
 impl Default for Params {
     fn default() -> Self {
         Params {

@@ -5,7 +5,8 @@
 //! not merged) or is evicted. Sets are runs of consecutive window cells for the merging
 //! methods. Exactly `n_free` cells are freed.
 //!
-//! KVMerger (method.md rows 2–4, 6). Protect the sinks (the first `n_sink` window cells), the
+//! KVMerger (docs/method.md, "Our reading": sets, budget, pivot, counts).
+//! Protect the sinks (the first `n_sink` window cells), the
 //! recent window (the last `n_recent`) and the heavy hitters (the `heavy_frac` share of the
 //! window with the most attention). A link joins window cells `i` and `i+1` when both are
 //! unprotected; links are taken in descending score (the mean adjacent-key cosine, or its

@@ -2,7 +2,8 @@
 //!
 //! A cell is one token in every layer and head, so whatever decides that two cells become one
 //! must look at all layers at once. The link score of window cells `i` and `i+1` is the mean,
-//! over layers and KV heads, of the cosine of their keys (method.md row 2). Each layer is one
+//! over layers and KV heads, of the cosine of their keys (docs/method.md, "One set for all
+//! layers, weights per head"). Each layer is one
 //! rayon task producing its own per-link vector; the vectors are then added in layer order, so
 //! the result does not depend on how many threads ran.
 
