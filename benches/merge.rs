@@ -111,8 +111,8 @@ impl Cache {
 }
 
 // KVMerger, not the default EVICT_FOLD, for the throughput line and criterion: its plan reads
-// every K row of the window, the widest pass the library makes, and the README's numbers were
-// taken with it. The per-method line times the default beside it.
+// every K row of the window, the widest pass the library makes, and the benchmark numbers in
+// docs/findings.md were taken with it. The per-method line times the default beside it.
 fn ctx() -> *mut kvm_ctx {
     ctx_of(kvm_method::KVM_METHOD_KVMERGER)
 }

@@ -213,7 +213,7 @@ struct Opts {
     int  n_free = 0;          // cells freed per event by the compressing methods; 0 = half, as context shift
     // > 0: cells freed per event = round(n_free_frac * capacity) (overrides n_free). An eighth:
     // the cache stays 7/8 to full instead of 1/2 to full, which is most of what any method gains
-    // over stock context shift (results/README); 0 frees half like context shift.
+    // over stock context shift (docs/findings.md: windows3); 0 frees half like context shift.
     double n_free_frac = 0.125;
     int  windows = 1;         // windows per text (streaming PPL)
     int  first_window = 0;    // windows before it are skipped: held-out windows for choices made on earlier ones
@@ -351,10 +351,10 @@ static std::vector<Method> make_methods(int threads) {
     add("kvmerger", "main", "KVMerger, our reading: exact budget by link score, convex weights, no floor",
         [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
     // sets of at most 2 and an age bias from a PPL-only sweep of age_bias x max_set, floors, heavy
-    // hitters, attention weights and EVICT_FOLD on window 0 of the two texts (results/explore-c8);
+    // hitters, attention weights and EVICT_FOLD on window 0 of the two texts (docs/findings.md: explore-c8);
     // query-free, because the query scoring gave the same perplexity over three windows of three
-    // texts at 1.5x the cost (results/best-queryfree); age_bias 100 over 1 and 10 on the same
-    // windows, with token caps and wider recent windows losing (results/explore-age)
+    // texts at 1.5x the cost (best-queryfree); age_bias 100 over 1 and 10 on the same
+    // windows, with token caps and wider recent windows losing (explore-age)
     // best and its variants start from one function, so that a change to best moves them all
     const auto best_p = [](llama_kv_merge_params & p) {
         p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2;
@@ -365,8 +365,8 @@ static std::vector<Method> make_methods(int threads) {
     };
     add("best", "main", "the age-pairs configuration (our best merging before EVICT_FOLD was measured in full): kvmerger, age-dominated link scores (age_bias 100: the oldest pairs merge, similarity picks among neighbours), sets of at most 2, query-free pivots, no heavy hitters",
         best_p);
-    // the best merging configuration measured on both models (results/evict-fold): H2O's choice
-    // of who leaves, so it is H2O plus the folding; chosen among four candidates on windows 0-1 of
+    // the best merging configuration measured on both models (docs/findings.md: evict-fold): H2O's
+    // choice of who leaves, so it is H2O plus the folding; chosen among four candidates on windows 0-1 of
     // Qwen2.5-Coder-0.5B at 35 %, then measured on every SmolLM2 window and held-out Qwen windows.
     // The same parameters as abl_evict_fold, so the two rows give the same bits.
     const auto ef_p = [](llama_kv_merge_params & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; };

