@@ -303,6 +303,8 @@ void kvm_plan_free(struct kvm_plan *plan);
 // buffers changes; freed cells' rows are left as they were (the host frees the cells). The
 // layers must have the same types, shapes and strides as when planned (data pointers may
 // differ, e.g. a host copy of device buffers), else KVM_STATUS_MISMATCH and nothing written.
+// Every layer is validated and compared with the plan before the first byte is written, so
+// a refused call leaves all layers as they were.
 kvm_status kvm_plan_apply(const struct kvm_ctx *ctx,
                           const struct kvm_plan *plan,
                           const struct kvm_layer_view *layers,

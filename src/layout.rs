@@ -79,9 +79,16 @@ impl GgmlType {
         self.block() > 1
     }
 
-    /// Bytes of `n` consecutive elements (`n` a multiple of the block).
+    /// Bytes of `n` consecutive elements (`n` a multiple of the block), for sizes inside a
+    /// validated view (which [`GgmlType::checked_row_size`] has bounded).
     pub fn row_size(self, n: usize) -> usize {
         n / self.block() * self.type_size()
+    }
+
+    /// [`GgmlType::row_size`], or `None` when the byte count does not fit a `usize`: a host's
+    /// `ne[0]` must not wrap to a small row that then passes every other check.
+    pub fn checked_row_size(self, n: usize) -> Option<usize> {
+        (n / self.block()).checked_mul(self.type_size())
     }
 }
 
@@ -159,7 +166,14 @@ fn geom(what: &str, raw: &RawView) -> Result<Geom> {
             ty.type_size()
         )));
     }
-    let row_bytes = ty.row_size(cols);
+    let row_bytes = ty
+        .checked_row_size(cols)
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| {
+            bad(format!(
+                "a row of ne[0] = {cols} elements overflows the address space"
+            ))
+        })?;
     if rows > 1 && raw.nb[1] < row_bytes {
         return Err(bad(format!(
             "nb[1] = {} is smaller than a row ({row_bytes} bytes): rows would overlap",
@@ -216,12 +230,18 @@ fn layer_geom(il: usize, raw: &RawLayer) -> Result<LayerGeom> {
             "layer {il}: n_head_kv, n_embd_head_k and n_embd_head_v must be > 0"
         )));
     }
+    // u32 · u32 fits a 64-bit usize, not a 32-bit one.
+    let width = |d: usize, what: &str| {
+        n_head
+            .checked_mul(d)
+            .ok_or_else(|| Error::InvalidArg(format!("layer {il}: n_head_kv·{what} overflows")))
+    };
+    let (wk, wv) = (width(dk, "n_embd_head_k")?, width(dv, "n_embd_head_v")?);
     let n_cells = k.rows;
-    if k.cols < n_head * dk {
+    if k.cols < wk {
         return Err(bad(format!(
-            "K rows hold {} elements, fewer than n_head_kv·n_embd_head_k = {}",
-            k.cols,
-            n_head * dk
+            "K rows hold {} elements, fewer than n_head_kv·n_embd_head_k = {wk}",
+            k.cols
         )));
     }
     if k.ty.is_quantized() && dk % k.ty.block() != 0 {
@@ -240,22 +260,20 @@ fn layer_geom(il: usize, raw: &RawLayer) -> Result<LayerGeom> {
                 v.cols
             )));
         }
-        if v.rows < n_head * dv {
+        if v.rows < wv {
             return Err(bad(format!(
-                "transposed V has {} channel rows, fewer than n_head_kv·n_embd_head_v = {}",
-                v.rows,
-                n_head * dv
+                "transposed V has {} channel rows, fewer than n_head_kv·n_embd_head_v = {wv}",
+                v.rows
             )));
         }
     } else {
         if v.rows != n_cells {
             return Err(bad(format!("V has {} cells but K has {n_cells}", v.rows)));
         }
-        if v.cols < n_head * dv {
+        if v.cols < wv {
             return Err(bad(format!(
-                "V rows hold {} elements, fewer than n_head_kv·n_embd_head_v = {}",
-                v.cols,
-                n_head * dv
+                "V rows hold {} elements, fewer than n_head_kv·n_embd_head_v = {wv}",
+                v.cols
             )));
         }
         if v.ty.is_quantized() && dv % v.ty.block() != 0 {

@@ -262,6 +262,8 @@ pub unsafe extern "C" fn kvm_plan_free(plan: *mut kvm_plan) {
 /// buffers changes; freed cells' rows are left as they were (the host frees the cells). The
 /// layers must have the same types, shapes and strides as when planned (data pointers may
 /// differ, e.g. a host copy of device buffers), else KVM_STATUS_MISMATCH and nothing written.
+/// Every layer is validated and compared with the plan before the first byte is written, so
+/// a refused call leaves all layers as they were.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvm_plan_apply(
     ctx: *const kvm_ctx,

@@ -360,6 +360,55 @@ pub struct PlanOut {
     pub counts: Vec<u32>,
 }
 
+/// A plan owned by a test; freed on drop.
+pub struct Plan(pub *mut kvm_plan);
+
+impl Plan {
+    /// `kvm_plan_init`; on failure checks that no plan was written.
+    pub fn init(
+        ctx: &Ctx,
+        views: &[kvm_layer_view],
+        cells: &[u32],
+        attn: Option<&[f32]>,
+        counts: Option<&[u32]>,
+        n_free: u32,
+    ) -> Result<Plan, kvm_status> {
+        let mut plan = std::ptr::null_mut();
+        // SAFETY: slices valid for the call; views point into live buffers.
+        let st = unsafe {
+            kvm_plan_init(
+                ctx.0,
+                views.as_ptr(),
+                views.len(),
+                cells.as_ptr(),
+                cells.len(),
+                attn.map_or(std::ptr::null(), |a| a.as_ptr()),
+                counts.map_or(std::ptr::null(), |c| c.as_ptr()),
+                n_free,
+                &mut plan,
+            )
+        };
+        if st != kvm_status::KVM_STATUS_OK {
+            assert!(plan.is_null(), "out written on failure");
+            return Err(st);
+        }
+        Ok(Plan(plan))
+    }
+
+    /// `kvm_plan_apply` over `views`.
+    pub fn apply(&self, ctx: &Ctx, views: &[kvm_layer_view]) -> kvm_status {
+        // SAFETY: a live plan; the views point into live buffers (or are refused before use).
+        unsafe { kvm_plan_apply(ctx.0, self.0, views.as_ptr(), views.len()) }
+    }
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: from kvm_plan_init, freed once.
+        unsafe { kvm_plan_free(self.0) }
+    }
+}
+
 /// Plans (and optionally applies) through the C ABI.
 pub fn run_plan(
     ctx: &Ctx,
@@ -370,28 +419,10 @@ pub fn run_plan(
     n_free: u32,
     apply: bool,
 ) -> Result<PlanOut, kvm_status> {
-    let mut plan = std::ptr::null_mut();
-    // SAFETY: slices valid for the call; views point into live buffers.
-    let st = unsafe {
-        kvm_plan_init(
-            ctx.0,
-            views.as_ptr(),
-            views.len(),
-            cells.as_ptr(),
-            cells.len(),
-            attn.map_or(std::ptr::null(), |a| a.as_ptr()),
-            counts.map_or(std::ptr::null(), |c| c.as_ptr()),
-            n_free,
-            &mut plan,
-        )
-    };
-    if st != kvm_status::KVM_STATUS_OK {
-        assert!(plan.is_null(), "out written on failure");
-        return Err(st);
-    }
+    let plan = Plan::init(ctx, views, cells, attn, counts, n_free)?;
     let mut info = std::mem::MaybeUninit::<kvm_plan_info>::uninit();
     // SAFETY: plan from kvm_plan_init.
-    let st = unsafe { kvm_plan_get(plan, info.as_mut_ptr()) };
+    let st = unsafe { kvm_plan_get(plan.0, info.as_mut_ptr()) };
     assert_eq!(st, kvm_status::KVM_STATUS_OK);
     // SAFETY: written on OK.
     let info = unsafe { info.assume_init() };
@@ -405,20 +436,13 @@ pub fn run_plan(
             counts: std::slice::from_raw_parts(info.counts, info.n_sets).to_vec(),
         }
     };
-    let r = if apply {
-        // SAFETY: same views, buffers live.
-        let st = unsafe { kvm_plan_apply(ctx.0, plan, views.as_ptr(), views.len()) };
-        if st == kvm_status::KVM_STATUS_OK {
-            Ok(out)
-        } else {
-            Err(st)
-        }
-    } else {
-        Ok(out)
-    };
-    // SAFETY: from kvm_plan_init.
-    unsafe { kvm_plan_free(plan) };
-    r
+    if !apply {
+        return Ok(out);
+    }
+    match plan.apply(ctx, views) {
+        kvm_status::KVM_STATUS_OK => Ok(out),
+        st => Err(st),
+    }
 }
 
 pub fn params(method: kvm_method) -> kvm_params {

@@ -1,0 +1,69 @@
+//! Regression tests for issue 24's library findings: each test is named after its finding
+//! (`f1_…` is finding 1). Bad input gets a status and a message, and every buffer stays as it
+//! was.
+
+mod common;
+
+use common::*;
+use kvmerger::ffi::*;
+use kvmerger::layout::GgmlType;
+
+/// Finding 1, the report's reproduction: an f32 view with `ne[0] = 2^62` made a 0-byte row
+/// (`2^62 · 4` wraps), passed validation, and `kvm_plan_apply` over two layers wrote layer 0
+/// before it panicked on layer 1. Now planning and applying refuse it, and nothing changes.
+#[test]
+fn f1_row_size_overflow_is_refused() {
+    let mut s = Shape::small(GgmlType::F32, GgmlType::F32, false);
+    s.n_layers = 2;
+    let mut cache = Cache::new(&s, 24);
+    let snap = cache.snapshot();
+    let good = cache.views();
+    let mut bad = good.clone();
+    bad[1].k.ne[0] = 1 << 62;
+    let cells: Vec<u32> = (0..64).collect();
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    assert_eq!(
+        run_plan(&ctx, &bad, &cells, None, None, 8, true),
+        Err(kvm_status::KVM_STATUS_BAD_LAYOUT)
+    );
+    let msg = last_error();
+    assert!(
+        msg.contains("layer 1 K") && msg.contains("overflows"),
+        "{msg}"
+    );
+    let plan = Plan::init(&ctx, &good, &cells, None, None, 8).unwrap();
+    assert_eq!(plan.apply(&ctx, &bad), kvm_status::KVM_STATUS_BAD_LAYOUT);
+    assert_eq!(cache.snapshot(), snap, "a refused call changed the cache");
+    // The good views still apply, and change the cache.
+    assert_eq!(plan.apply(&ctx, &good), kvm_status::KVM_STATUS_OK);
+    assert_ne!(cache.snapshot(), snap);
+}
+
+/// Finding 1: over several layers, a bad last layer (K or V, each way its size can overflow)
+/// is refused before any layer is written.
+#[test]
+fn f1_bad_last_layer_leaves_every_layer_untouched() {
+    let breaks: [fn(&mut kvm_layer_view); 5] = [
+        |l| l.k.ne[0] = 1 << 62,
+        |l| l.v.ne[0] = 1 << 62,
+        |l| l.v.ne[0] = i64::MAX,
+        |l| l.k.nb[1] = usize::MAX / 2,
+        |l| l.v.data = usize::MAX as *mut _,
+    ];
+    for tv in [GgmlType::F32, GgmlType::F16] {
+        let mut cache = Cache::new(&Shape::small(GgmlType::F32, tv, false), 9);
+        let snap = cache.snapshot();
+        let good = cache.views();
+        let cells: Vec<u32> = (0..64).collect();
+        let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+        let plan = Plan::init(&ctx, &good, &cells, None, None, 16).unwrap();
+        for (i, brk) in breaks.iter().enumerate() {
+            let mut bad = good.clone();
+            brk(bad.last_mut().unwrap());
+            let st = plan.apply(&ctx, &bad);
+            assert_eq!(st, kvm_status::KVM_STATUS_BAD_LAYOUT, "case {i}, {tv:?}");
+            assert!(last_error().contains("layer 2"), "{}", last_error());
+            assert_eq!(cache.snapshot(), snap, "case {i}, {tv:?}: cache changed");
+        }
+    }
+}
