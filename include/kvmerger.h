@@ -21,6 +21,11 @@
 // `set_of` value of a cell that was dropped rather than merged.
 #define KVM_EVICTED UINT32_MAX
 
+// Largest `kvm_params.n_threads` a ctx accepts. `kvm_ctx_init` starts every thread of the
+// pool (4096 took 8 s and 480 MB; `UINT32_MAX` never returned), while an event's work splits
+// into a few hundred tasks at most (layers × KV heads).
+#define KVM_MAX_THREADS 256
+
 // Result of every fallible call. `KVM_STATUS_OK` is 0; failures are positive and stable.
 enum kvm_status
 #ifdef __cplusplus
@@ -144,7 +149,8 @@ typedef struct kvm_plan kvm_plan;
 
 // Parameters of a `kvm_ctx`. Get the defaults from `kvm_params_default()` and change fields.
 typedef struct kvm_params {
-  // Threads of the ctx's own pool; 0 = one per CPU. Default 0.
+  // Threads of the ctx's own pool; 0 = one per CPU. Default 0. Above `KVM_MAX_THREADS`
+  // `kvm_ctx_init` refuses it with KVM_STATUS_INVALID_ARG (every thread is started there).
   uint32_t n_threads;
   // A `kvm_method`. Default KVM_METHOD_EVICT_FOLD (the method that kept the most in our
   // measurements; KVM_METHOD_KVMERGER is the paper's).

@@ -67,3 +67,31 @@ fn f1_bad_last_layer_leaves_every_layer_untouched() {
         }
     }
 }
+
+/// Finding 2: `n_threads` was unbounded (4096 took 8 s and 480 MB in `kvm_ctx_init`;
+/// `UINT32_MAX` never returned). Above `KVM_MAX_THREADS` it is refused at once.
+#[test]
+fn f2_n_threads_above_the_maximum_is_refused() {
+    for n in [KVM_MAX_THREADS + 1, 4096, u32::MAX] {
+        let mut p = kvm_params_default();
+        p.n_threads = n;
+        let mut c = std::ptr::null_mut();
+        let t = std::time::Instant::now();
+        // SAFETY: valid pointers.
+        let st = unsafe { kvm_ctx_init(&p, &mut c) };
+        assert_eq!(st, kvm_status::KVM_STATUS_INVALID_ARG, "n_threads = {n}");
+        assert!(c.is_null());
+        assert!(last_error().contains("KVM_MAX_THREADS"), "{}", last_error());
+        assert!(t.elapsed().as_secs_f64() < 1.0, "n_threads = {n} was slow");
+    }
+    for n in [0, 1, KVM_MAX_THREADS] {
+        let mut p = kvm_params_default();
+        p.n_threads = n;
+        let ctx = Ctx::new(&p);
+        let mut back = kvm_params_default();
+        // SAFETY: valid pointers.
+        let st = unsafe { kvm_ctx_params(ctx.0, &mut back) };
+        assert_eq!(st, kvm_status::KVM_STATUS_OK);
+        assert!(n == 0 || back.n_threads == n, "{n} -> {}", back.n_threads);
+    }
+}

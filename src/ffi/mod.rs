@@ -32,6 +32,11 @@ pub const KVM_ABI_VERSION: u32 = 1;
 /// `set_of` value of a cell that was dropped rather than merged.
 pub const KVM_EVICTED: u32 = u32::MAX;
 
+/// Largest `kvm_params.n_threads` a ctx accepts. `kvm_ctx_init` starts every thread of the
+/// pool (4096 took 8 s and 480 MB; `UINT32_MAX` never returned), while an event's work splits
+/// into a few hundred tasks at most (layers × KV heads).
+pub const KVM_MAX_THREADS: u32 = 256;
+
 /// Opaque handle: parameters, calibration profile and a thread pool of its own.
 pub struct kvm_ctx {
     _private: [u8; 0],

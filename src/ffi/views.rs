@@ -4,6 +4,7 @@
 
 use std::ffi::c_void;
 
+use super::KVM_MAX_THREADS;
 use crate::error::{Error, Result};
 use crate::layout::{RawLayer, RawView};
 use crate::merge::{Method, Params, Pivot, Sigma, ValueMode};
@@ -72,7 +73,8 @@ pub enum kvm_value_mode {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct kvm_params {
-    /// Threads of the ctx's own pool; 0 = one per CPU. Default 0.
+    /// Threads of the ctx's own pool; 0 = one per CPU. Default 0. Above `KVM_MAX_THREADS`
+    /// `kvm_ctx_init` refuses it with KVM_STATUS_INVALID_ARG (every thread is started there).
     pub n_threads: u32,
     /// A `kvm_method`. Default KVM_METHOD_EVICT_FOLD (the method that kept the most in our
     /// measurements; KVM_METHOD_KVMERGER is the paper's).
@@ -161,6 +163,13 @@ impl kvm_params {
         let bad = |f: &str, v: i32| {
             Error::InvalidArg(format!("kvm_params.{f} = {v} is not a known value"))
         };
+        if self.n_threads > KVM_MAX_THREADS {
+            return Err(Error::InvalidArg(format!(
+                "kvm_params.n_threads = {} is above KVM_MAX_THREADS = {KVM_MAX_THREADS} \
+                 (0 = one per CPU)",
+                self.n_threads
+            )));
+        }
         let p = Params {
             method: match self.method {
                 0 => Method::KvMerger,
