@@ -310,7 +310,9 @@ void kvm_plan_free(struct kvm_plan *plan);
 // layers must have the same types, shapes and strides as when planned (data pointers may
 // differ, e.g. a host copy of device buffers), else KVM_STATUS_MISMATCH and nothing written.
 // Every layer is validated and compared with the plan before the first byte is written, so
-// a refused call leaves all layers as they were.
+// a refused call leaves all layers as they were. Merging finite rows writes finite rows: a
+// merged element stays within its members' range, and the paper's values (times the member
+// count) and CaM's folds saturate at the largest value the cache type holds.
 kvm_status kvm_plan_apply(const struct kvm_ctx *ctx,
                           const struct kvm_plan *plan,
                           const struct kvm_layer_view *layers,

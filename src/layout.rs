@@ -66,6 +66,20 @@ impl GgmlType {
         }
     }
 
+    /// Largest magnitude an element of this type holds; the encoder writes ±inf (or, for the
+    /// block types, an infinite block scale) beyond it. The block types' limit is their
+    /// largest quantum times the largest f16 scale.
+    pub fn max_finite(self) -> f32 {
+        const F16_MAX: f32 = 65504.0;
+        match self {
+            GgmlType::F32 => f32::MAX,
+            GgmlType::F16 => F16_MAX,
+            GgmlType::BF16 => f32::from_bits(0x7f7f_0000),
+            GgmlType::Q8_0 => 127.0 * F16_MAX,
+            GgmlType::Q4_0 => 8.0 * F16_MAX,
+        }
+    }
+
     /// Alignment the element reads need (the f16 scale of a block needs only 2, and we read it
     /// byte-wise anyway, but ggml buffers always give 2).
     fn align(self) -> usize {

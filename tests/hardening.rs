@@ -95,3 +95,81 @@ fn f2_n_threads_above_the_maximum_is_refused() {
         assert!(n == 0 || back.n_threads == n, "{n} -> {}", back.n_threads);
     }
 }
+
+/// Largest finite value of a cache type, as f32.
+fn type_max(ty: GgmlType) -> f32 {
+    match ty {
+        GgmlType::F32 => f32::MAX,
+        GgmlType::BF16 => f32::from_bits(0x7f7f_0000),
+        GgmlType::F16 => 65504.0,
+        _ => unreachable!(),
+    }
+}
+
+/// Finding 3: keys and values at the type's largest magnitude merged to ±inf, since the
+/// weights' sum rounds to just over 1. Merges are convex, so every merged element must stay
+/// within its members' range: finite, for every method and sigma mode.
+#[test]
+fn f3_merges_near_the_type_maximum_stay_finite() {
+    for ty in [GgmlType::F32, GgmlType::BF16, GgmlType::F16] {
+        let mx = type_max(ty);
+        let mut s = Shape::small(ty, ty, false);
+        s.n_layers = 2;
+        let mut cache = Cache::new(&s, 3);
+        // Rows at ± the maximum in every channel: identical keys give every member of a set
+        // the same weight 1/m, and seven times fl(1/7) is over 1 by more than half an f32
+        // ulp. Half the cells' values sit just below the maximum, so sets are mixed too.
+        let row = |scale: f32| -> Vec<f32> {
+            (0..32)
+                .map(|j| if j % 3 == 0 { -mx } else { mx } * scale)
+                .collect()
+        };
+        for l in &mut cache.layers {
+            for c in 0..s.n_cells {
+                for h in 0..s.n_head {
+                    l.set_k(c, h, &row(1.0));
+                    l.set_v(c, h, &row(if c % 4 == 0 { 0.999 } else { 1.0 }));
+                }
+            }
+        }
+        let snap = cache.snapshot();
+        let cells: Vec<u32> = (0..64).collect();
+        let attn: Vec<f32> = (0..64).map(|i| 1.0 + (i % 7) as f32).collect();
+        // (method, sigma_mode, value_mode): the paper's values (times the member count) and
+        // CaM's folds are no convex sums; they saturate at the maximum.
+        for (method, sigma_mode, value_mode) in [
+            (kvm_method::KVM_METHOD_KVMERGER, 0, 0),
+            (kvm_method::KVM_METHOD_KVMERGER, 2, 0),
+            (kvm_method::KVM_METHOD_KVMERGER, 3, 0),
+            (kvm_method::KVM_METHOD_KVMERGER, 4, 0),
+            (kvm_method::KVM_METHOD_KVMERGER, 0, 1),
+            (kvm_method::KVM_METHOD_EVICT_FOLD, 0, 0),
+            (kvm_method::KVM_METHOD_CAM, 0, 0),
+        ] {
+            let mut p = params(method);
+            p.sigma_mode = sigma_mode;
+            p.value_mode = value_mode;
+            p.sigma = 1.0;
+            p.sim_floor = -2.0;
+            let ctx = Ctx::new(&p);
+            for (i, (k, v)) in snap.iter().enumerate() {
+                cache.layers[i].k.bytes_mut().copy_from_slice(k);
+                cache.layers[i].v.bytes_mut().copy_from_slice(v);
+            }
+            let views = cache.views();
+            run_plan(&ctx, &views, &cells, Some(&attn), None, 24, true).unwrap();
+            for l in &cache.layers {
+                for c in 0..s.n_cells {
+                    for h in 0..s.n_head {
+                        let (k, v) = (l.get_k(c, h), l.get_v(c, h));
+                        assert!(
+                            k.iter().chain(&v).all(|x| x.is_finite() && x.abs() <= mx),
+                            "{ty:?} {method:?} sigma {sigma_mode} values {value_mode}: cell {c} \
+                             head {h}: {k:?} {v:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

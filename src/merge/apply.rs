@@ -141,6 +141,34 @@ fn weighted_rows(
     }
 }
 
+/// Brings back into its channel's range over the member `rows` (each `out.len()` wide) every
+/// element of `out` beyond `lim`, the largest magnitude the cache type holds. A merge is a
+/// convex combination, but weights whose sum rounds to just over 1 carry it past members at
+/// the type's maximum, where the encoder would write ±inf. On ordinary data nothing is beyond
+/// `lim`, so no bit changes; a NaN (from a NaN member) is left as it is.
+fn clamp_to_members(out: &mut [f32], rows: &[f32], lim: f32) {
+    let width = out.len();
+    for (c, x) in out.iter_mut().enumerate() {
+        if x.abs() > lim {
+            let (lo, hi) = rows
+                .chunks_exact(width)
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), r| {
+                    (lo.min(r[c]), hi.max(r[c]))
+                });
+            *x = x.max(lo).min(hi);
+        }
+    }
+}
+
+/// Saturates at ±`lim` the elements of a sum that is not convex (the paper's values times
+/// the member count, CaM's folds), which may exceed the type's range: its largest finite
+/// value is nearer to the sum than the ±inf the encoder would write.
+fn saturate(out: &mut [f32], lim: f32) {
+    for x in out.iter_mut().filter(|x| x.abs() > lim) {
+        *x = lim.copysign(*x);
+    }
+}
+
 /// Reads the `m` members' key rows into `keys` and puts member `j`'s squared key distance to
 /// the pivot (member `jp`) in KV head `h` at `d2[h·m + j]`.
 fn read_distances(
@@ -289,6 +317,7 @@ fn apply_layer(
         }
         if p.merge_keys {
             weighted_rows(kern, &keys, g.n_head, g.dk, &w[..g.n_head * m], &mut out_k);
+            clamp_to_members(&mut out_k, &keys[..m * wk], g.k.ty.max_finite());
             l.write_k_row(kern, pc, &out_k);
         }
         if p.merge_values {
@@ -300,8 +329,10 @@ fn apply_layer(
                 );
             }
             weighted_rows(kern, &vals, g.n_head, g.dv, &w[..g.n_head * m], &mut out_v);
+            clamp_to_members(&mut out_v, &vals[..m * wv], g.v.ty.max_finite());
             if p.value_mode == ValueMode::Paper {
                 out_v.iter_mut().for_each(|x| *x *= m as f32);
+                saturate(&mut out_v, g.v.ty.max_finite());
             }
             l.write_v_row(kern, pc, &out_v);
         }
@@ -315,6 +346,7 @@ fn apply_layer(
                 l.read_v_row(kern, plan.cells[e] as usize, src);
                 kern.axpy_f32(&mut out_v, wt, src);
             }
+            saturate(&mut out_v, g.v.ty.max_finite());
             l.write_v_row(kern, tc, &out_v);
         }
     }
