@@ -173,3 +173,145 @@ fn f3_merges_near_the_type_maximum_stay_finite() {
         }
     }
 }
+
+/// `kvm_attn_from_queries` over one layer and every cell, from `attn = [1, 1, …]`.
+fn attention(
+    ctx: &Ctx,
+    view: &kvm_layer_view,
+    q: &[f32],
+    n_head: usize,
+    kq_scale: f32,
+    bias: Option<&[f32]>,
+) -> (kvm_status, Vec<f32>) {
+    let n = view.k.ne[1] as usize;
+    let cells: Vec<u32> = (0..n as u32).collect();
+    let mut attn = vec![1f32; n];
+    let n_q = q.len() / (n_head * view.n_embd_head_k as usize);
+    // SAFETY: valid pointers and lengths, a live buffer behind the view.
+    let st = unsafe {
+        kvm_attn_from_queries(
+            ctx.0,
+            view,
+            q.as_ptr(),
+            n_q as u32,
+            n_head as u32,
+            kq_scale,
+            cells.as_ptr(),
+            n,
+            bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+            attn.as_mut_ptr(),
+        )
+    };
+    (st, attn)
+}
+
+/// One f32 layer of 64 cells, 2 KV heads of 32, keys times `key_scale`; 4 query heads.
+fn attention_fixture(tk: GgmlType, key_scale: f32) -> (Cache, Vec<f32>) {
+    let mut s = Shape::small(tk, GgmlType::F32, false);
+    s.n_layers = 1;
+    let mut cache = Cache::new(&s, 31);
+    for c in 0..s.n_cells {
+        for h in 0..s.n_head {
+            let k: Vec<f32> = cache.layers[0].get_k(c, h);
+            let k: Vec<f32> = k.iter().map(|x| x * key_scale).collect();
+            cache.layers[0].set_k(c, h, &k);
+        }
+    }
+    let mut rng = Rng(5);
+    let q: Vec<f32> = (0..3 * 4 * 32).map(|_| rng.f32() - 0.5).collect();
+    (cache, q)
+}
+
+/// Finding 3: a logit beyond f32 made the softmax skip its row and return OK, that head's
+/// attention silently zero. Each head's softmax must add 1, spread as an f64 softmax says.
+#[test]
+fn f3_overflowing_logits_still_add_their_softmax() {
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    // (key scale, query scale, kq_scale): q·k overflows f32, or only kq_scale·q·k does.
+    for (ks, qs, kq) in [
+        (1e30f32, 1e30f32, 0.18f32),
+        (1.0, 1.0, 1e38),
+        (1e20, 1e15, 0.18),
+    ] {
+        let (mut cache, q) = attention_fixture(GgmlType::F32, ks);
+        let q: Vec<f32> = q.iter().map(|x| x * qs).collect();
+        let view = cache.views()[0];
+        let bias: Vec<f32> = (0..64)
+            .map(|i| if i == 7 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let (st, attn) = attention(&ctx, &view, &q, 4, kq, Some(&bias));
+        assert_eq!(st, kvm_status::KVM_STATUS_OK, "{}", last_error());
+        let mut want = vec![1f64; 64];
+        for r in 0..3 {
+            for hq in 0..4 {
+                let qv = &q[(r * 4 + hq) * 32..(r * 4 + hq + 1) * 32];
+                let logit: Vec<f64> = (0..64)
+                    .map(|c| {
+                        let k = cache.layers[0].get_k(c, hq / 2);
+                        let dot: f64 = qv.iter().zip(&k).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        kq as f64 * dot + bias[c] as f64
+                    })
+                    .collect();
+                let mx = logit.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = logit.iter().map(|l| (l - mx).exp()).sum();
+                for (w, l) in want.iter_mut().zip(&logit) {
+                    *w += (l - mx).exp() / sum;
+                }
+            }
+        }
+        let total: f32 = attn.iter().sum();
+        assert!(
+            (total - 64.0 - 12.0).abs() < 1e-3,
+            "{ks} {qs} {kq}: {total}"
+        );
+        assert_eq!(attn[7], 1.0, "a masked cell stays masked");
+        for (c, (a, w)) in attn.iter().zip(&want).enumerate() {
+            assert!(
+                (*a as f64 - w).abs() < 1e-5,
+                "{ks} {qs} {kq}: cell {c}: {a} vs {w}"
+            );
+        }
+    }
+}
+
+/// Finding 3: a non-finite query, key or bias used to count as masked, the softmax then
+/// silently missing. Now it is refused (−inf still masks a cell through the bias), and
+/// `attn` keeps its values.
+#[test]
+fn f3_non_finite_attention_input_is_refused() {
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    for tk in [GgmlType::F32, GgmlType::F16] {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let (mut cache, q) = attention_fixture(tk, 1.0);
+            let view = cache.views()[0];
+            let mut bad_q = q.clone();
+            bad_q[100] = bad;
+            let (st, attn) = attention(&ctx, &view, &bad_q, 4, 0.18, None);
+            assert_eq!(st, kvm_status::KVM_STATUS_INVALID_ARG, "{tk:?} q {bad}");
+            assert!(last_error().contains("q[100]"), "{}", last_error());
+            assert_eq!(attn, vec![1.0; 64]);
+
+            let mut k = cache.layers[0].get_k(5, 1);
+            k[3] = bad;
+            cache.layers[0].set_k(5, 1, &k);
+            let (st, attn) = attention(&ctx, &view, &q, 4, 0.18, None);
+            assert_eq!(st, kvm_status::KVM_STATUS_INVALID_ARG, "{tk:?} key {bad}");
+            assert!(
+                last_error().contains("cell 5 in KV head 1"),
+                "{}",
+                last_error()
+            );
+            assert_eq!(attn, vec![1.0; 64]);
+        }
+        let (mut cache, q) = attention_fixture(tk, 1.0);
+        let view = cache.views()[0];
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut bias = vec![0f32; 64];
+            bias[9] = bad;
+            let (st, attn) = attention(&ctx, &view, &q, 4, 0.18, Some(&bias));
+            assert_eq!(st, kvm_status::KVM_STATUS_INVALID_ARG, "{tk:?} bias {bad}");
+            assert!(last_error().contains("bias[9]"), "{}", last_error());
+            assert_eq!(attn, vec![1.0; 64]);
+        }
+    }
+}

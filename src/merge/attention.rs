@@ -44,7 +44,8 @@ const QB: usize = 8;
 
 /// Adds to `attn[i]` the attention that the query rows of every layer give `cells[i]`:
 /// per layer and query head, the softmax of `kq_scale·q·k + bias` over the given cells,
-/// summed over rows, heads and layers.
+/// summed over rows, heads and layers. A non-finite query, key or bias (but −inf, a mask) is
+/// an error, found before `attn` is written; a logit too large for f32 is taken in f64.
 ///
 /// All layers in one parallel pass over (layer, KV head): a unit packs its head's keys once
 /// (panels of [`QK_PANEL`], the layout `qk_t_f32` streams) and scores every query row of the
@@ -76,16 +77,27 @@ pub fn from_queries<L: LayerRows + Sync>(
                 qs.n_head, g.n_head
             )));
         }
-        if qs.q.len() != n_q * qs.n_head * g.dk {
+        let want = n_q.checked_mul(qs.n_head).and_then(|x| x.checked_mul(g.dk));
+        if want != Some(qs.q.len()) {
             return Err(Error::InvalidArg(format!(
-                "layer {il}: q holds {} floats, expected n_q·n_head·n_embd_head_k = {}",
+                "layer {il}: q holds {} floats, expected n_q·n_head·n_embd_head_k = \
+                 {n_q}·{}·{}",
                 qs.q.len(),
-                n_q * qs.n_head * g.dk
+                qs.n_head,
+                g.dk
             )));
         }
         if !qs.kq_scale.is_finite() {
             return Err(Error::InvalidArg(format!(
                 "layer {il}: kq_scale is not finite"
+            )));
+        }
+        // A non-finite query has no softmax; left to the kernels, its heads would read as
+        // masked and add nothing, a silent zero.
+        if let Some(i) = qs.q.iter().position(|x| !x.is_finite()) {
+            return Err(Error::InvalidArg(format!(
+                "layer {il}: q[{i}] = {} is not finite",
+                qs.q[i]
             )));
         }
     }
@@ -94,6 +106,16 @@ pub fn from_queries<L: LayerRows + Sync>(
         return Err(Error::InvalidArg(
             "attn/bias must have one entry per cell".into(),
         ));
+    }
+    if let Some((i, b)) = bias
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .find(|(_, b)| b.is_nan() || **b == f32::INFINITY)
+    {
+        return Err(Error::InvalidArg(format!(
+            "bias[{i}] = {b}: a bias is finite, or −inf to mask a cell"
+        )));
     }
     if n == 0 || n_q == 0 {
         return Ok(());
@@ -108,25 +130,32 @@ pub fn from_queries<L: LayerRows + Sync>(
             .par_iter()
             .map(|&(il, hk)| {
                 let mut acc = vec![0f32; n];
-                SCRATCH.with(|s| {
-                    let (kt, logits) = &mut *s.borrow_mut();
-                    unit(
-                        ex,
-                        &layers[il],
-                        &queries[il],
-                        n_q,
-                        hk,
-                        cells,
-                        bias,
-                        kt,
-                        logits,
-                        &mut acc,
-                    );
-                });
-                acc
+                SCRATCH
+                    .with(|s| {
+                        let (kt, logits) = &mut *s.borrow_mut();
+                        unit(
+                            ex,
+                            &layers[il],
+                            &queries[il],
+                            n_q,
+                            hk,
+                            cells,
+                            bias,
+                            kt,
+                            logits,
+                            &mut acc,
+                        )
+                    })
+                    .map_err(|i| {
+                        Error::InvalidArg(format!(
+                            "layer {il}: the key of cell {} in KV head {hk} is not finite",
+                            cells[i]
+                        ))
+                    })?;
+                Ok(acc)
             })
-            .collect()
-    });
+            .collect::<Result<_>>()
+    })?;
     for acc in &partial {
         for (a, x) in attn.iter_mut().zip(acc) {
             *a += x;
@@ -135,7 +164,8 @@ pub fn from_queries<L: LayerRows + Sync>(
     Ok(())
 }
 
-/// One (layer, KV head) of [`from_queries`], its probabilities added to `acc`.
+/// One (layer, KV head) of [`from_queries`], its probabilities added to `acc`; `Err(i)` when
+/// `cells[i]`'s key is not finite in this head.
 #[allow(clippy::too_many_arguments)]
 fn unit<L: LayerRows>(
     ex: &Exec,
@@ -148,7 +178,7 @@ fn unit<L: LayerRows>(
     kt: &mut Vec<f32>,
     logits: &mut Vec<f32>,
     acc: &mut [f32],
-) {
+) -> std::result::Result<(), usize> {
     let g = *layer.geom();
     let (n, dk, group) = (cells.len(), g.dk, qs.n_head / g.n_head);
     let panel_len = QK_PANEL * dk;
@@ -197,6 +227,21 @@ fn unit<L: LayerRows>(
     if logits.len() < QB * n {
         logits.resize(QB * n, 0.0);
     }
+    // The f32 kernels hold `kq_scale·q·k + bias` only while it is far inside f32's range (an
+    // overflowed logit made them skip the row); a row with a larger, or overflowed, q·k goes
+    // to `softmax_acc_f64`. Ordinary logits are many orders of magnitude below the bound, so
+    // they keep the kernels' bits.
+    let b_max = bias.map_or(0.0, |b| {
+        b.iter()
+            .filter(|x| x.is_finite())
+            .fold(0f32, |m, x| m.max(x.abs()))
+    });
+    let qk_max = if b_max <= f32::MAX / 4.0 {
+        // at most f32::MAX, so that an overflowed q·k (inf) never passes
+        (f32::MAX / 4.0 / qs.kq_scale.abs()).min(f32::MAX)
+    } else {
+        -1.0
+    };
     for b in (0..rows).step_by(QB) {
         let block = b..(b + QB).min(rows);
         qb.clear();
@@ -206,10 +251,54 @@ fn unit<L: LayerRows>(
         }
         let lg = &mut logits[..block.len() * n];
         ex.kern.qk_t_f32(&qb, dk, kt, lg);
-        for l in lg.chunks_exact_mut(n) {
-            ex.kern.softmax_acc(l, qs.kq_scale, bias, acc);
+        for (l, q) in lg.chunks_exact_mut(n).zip(qb.chunks_exact(dk)) {
+            // NaN fails the comparison too.
+            if l.iter().fold(true, |ok, x| ok & (x.abs() <= qk_max)) {
+                ex.kern.softmax_acc(l, qs.kq_scale, bias, acc);
+            } else {
+                softmax_acc_f64(q, kt, n, qs.kq_scale, bias, acc)?;
+            }
         }
     }
+    Ok(())
+}
+
+/// The softmax of one query row `q` over the `n` keys packed in `kt` (as `qk_t_f32` reads
+/// them), in f64 and added to `acc`: for logits beyond what f32 holds. Finite f32 queries and
+/// keys give a q·k far inside f64's range, and subtracting the maximum keeps every `exp` at
+/// most 1. `Err(i)` when key `i` is not finite (the one way a logit can still be NaN).
+fn softmax_acc_f64(
+    q: &[f32],
+    kt: &[f32],
+    n: usize,
+    kq_scale: f32,
+    bias: Option<&[f32]>,
+    acc: &mut [f32],
+) -> std::result::Result<(), usize> {
+    let dk = q.len();
+    let mut logit = vec![0f64; n];
+    for (i, l) in logit.iter_mut().enumerate() {
+        let panel = &kt[i / QK_PANEL * QK_PANEL * dk..];
+        let k = (0..dk).map(|j| panel[j * QK_PANEL + i % QK_PANEL]);
+        let mut dot = 0f64;
+        for (qj, kj) in q.iter().zip(k) {
+            if !kj.is_finite() {
+                return Err(i);
+            }
+            dot += *qj as f64 * kj as f64;
+        }
+        *l = kq_scale as f64 * dot + bias.map_or(0.0, |b| b[i] as f64);
+    }
+    let mx = logit.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+    if mx == f64::NEG_INFINITY {
+        return Ok(()); // every cell masked: no evidence, as in the kernels
+    }
+    logit.iter_mut().for_each(|x| *x = (*x - mx).exp());
+    let sum: f64 = logit.iter().sum();
+    for (a, x) in acc.iter_mut().zip(&logit) {
+        *a += (x / sum) as f32;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
