@@ -382,7 +382,11 @@ kvm_status kvm_calib_observe(const struct kvm_ctx *ctx,
 // Writes a profile to a text file at `path` (NUL-terminated, UTF-8).
 kvm_status kvm_calib_save(const struct kvm_calib *calib, const char *path);
 
-// Reads a profile written by `kvm_calib_save`; `*out` is a new profile on success.
+// Reads a profile written by `kvm_calib_save`; `*out` is a new profile on success. A file
+// over 16 MiB (no profile is that large) is refused without reading past that, and so is
+// any value adjacent-key cosines cannot give (a mean outside [-1, 1], a spread too wide for
+// its mean, a share outside [0, 1]), with KVM_STATUS_BAD_PROFILE. Saving a loaded profile
+// writes its file back byte for byte.
 kvm_status kvm_calib_load(const char *path, struct kvm_calib **out);
 
 // Makes link scoring use a copy of `calib` (NULL: back to plain mean cosine). Must not run

@@ -315,3 +315,165 @@ fn f3_non_finite_attention_input_is_refused() {
         }
     }
 }
+
+/// `kvm_calib_load` of `path`; the profile on success (free it with `kvm_calib_free`).
+fn load_profile(path: &std::path::Path) -> Result<*mut kvm_calib, kvm_status> {
+    let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let mut cal = std::ptr::null_mut();
+    // SAFETY: valid pointers.
+    match unsafe { kvm_calib_load(cpath.as_ptr(), &mut cal) } {
+        kvm_status::KVM_STATUS_OK => Ok(cal),
+        st => {
+            assert!(cal.is_null(), "out written on failure");
+            Err(st)
+        }
+    }
+}
+
+/// `kvm_calib_save` of `cal` to `path`, then the file's bytes.
+fn save_profile(cal: *const kvm_calib, path: &std::path::Path) -> Vec<u8> {
+    let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a live profile and a valid path.
+    let st = unsafe { kvm_calib_save(cal, cpath.as_ptr()) };
+    assert_eq!(st, kvm_status::KVM_STATUS_OK, "{}", last_error());
+    std::fs::read(path).unwrap()
+}
+
+fn temp_path(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("kvm-hardening-{}-{tag}", std::process::id()))
+}
+
+/// Loads a one-layer profile whose layer line is `line`.
+fn load_layer_line(line: &str) -> Result<*mut kvm_calib, kvm_status> {
+    let path = temp_path("line");
+    std::fs::write(&path, format!("kvmerger-profile 1\nlayers 1\n{line}\n")).unwrap();
+    let r = load_profile(&path);
+    let _ = std::fs::remove_file(&path);
+    r
+}
+
+/// Finding 4: profiles held values no cosine statistic can take (mean -1.39, 1e300). Every
+/// value is now checked against what the mean, spread and share of cosines allow.
+#[test]
+fn f4_impossible_profile_values_are_refused() {
+    for (line, why) in [
+        ("layer 0 10 -1.39 0.1 0.2", "mean"),
+        ("layer 0 10 1e300 0.1 0.2", "mean"),
+        ("layer 0 10 inf 0.1 0.2", "mean"),
+        ("layer 0 10 0.5 1e300 0.2", "standard deviation"),
+        ("layer 0 10 0.5 inf 0.2", "standard deviation"),
+        ("layer 0 10 0.5 NaN 0.2", "standard deviation"),
+        ("layer 0 10 0.9 0.9 0.2", "standard deviation"),
+        ("layer 0 10 0.5 0.1 1.5", "share"),
+        ("layer 0 0 0.5 0 0", "0 links"),
+        ("layer 0 1 0.5 0.1 1", "1 links"),
+        ("layer 0 1000000000000000000 0.5 0.1 0.2", "links is more"),
+    ] {
+        assert_eq!(
+            load_layer_line(line),
+            Err(kvm_status::KVM_STATUS_BAD_PROFILE),
+            "{line}"
+        );
+        let msg = last_error();
+        assert!(msg.contains(why) && msg.contains("line 3"), "{line}: {msg}");
+    }
+    // The extremes cosines can reach are fine: all parallel, or half of them opposite.
+    for line in [
+        "layer 0 10 1 0 1",
+        "layer 0 10 0 1.0540925533894598 0.5",
+        "layer 0 0 0 0 0",
+        "layer 0 1 -1 0 0",
+    ] {
+        let cal = load_layer_line(line).unwrap_or_else(|st| panic!("{line}: {st:?}"));
+        // SAFETY: from kvm_calib_load, freed once.
+        unsafe { kvm_calib_free(cal) };
+    }
+}
+
+/// Finding 4: `/dev/zero` as a profile was read until memory ran out. A file is refused once
+/// it passes 16 MiB, before the rest is read.
+#[test]
+fn f4_oversized_profile_files_are_refused_quickly() {
+    let big = temp_path("big");
+    let mut text = String::from("kvmerger-profile 1\nlayers 1\nlayer 0 10 0.5 0.1 0.2\n");
+    while text.len() <= 16 << 20 {
+        text.push_str("# padding that makes the file too large to be a profile\n");
+    }
+    std::fs::write(&big, &text).unwrap();
+    for path in [std::path::Path::new("/dev/zero"), &big] {
+        if !path.exists() {
+            continue;
+        }
+        let t = std::time::Instant::now();
+        assert_eq!(load_profile(path), Err(kvm_status::KVM_STATUS_BAD_PROFILE));
+        assert!(
+            last_error().contains("larger than 16 MiB"),
+            "{}",
+            last_error()
+        );
+        assert!(
+            t.elapsed().as_secs_f64() < 5.0,
+            "{path:?} took {:?}",
+            t.elapsed()
+        );
+    }
+    let _ = std::fs::remove_file(&big);
+}
+
+/// Finding 4: a profile saved, loaded and saved again was not the same file (the sums rebuilt
+/// from the file's mean and spread did not give them back). Now the second save writes the
+/// first's bytes, and the loaded profile steers planning as the observed one does.
+#[test]
+fn f4_save_load_save_is_a_fixed_point() {
+    let mut p = params(kvm_method::KVM_METHOD_KVMERGER);
+    p.max_set = 2;
+    let ctx = Ctx::new(&p);
+    let mut cal = std::ptr::null_mut();
+    // SAFETY: valid out pointer.
+    let st = unsafe { kvm_calib_init(&mut cal) };
+    assert_eq!(st, kvm_status::KVM_STATUS_OK);
+    let cells: Vec<u32> = (0..64).collect();
+    for seed in [1, 2, 3] {
+        let mut c = Cache::new(&Shape::small(GgmlType::F16, GgmlType::F16, false), seed);
+        let v = c.views();
+        // SAFETY: valid pointers, live buffers.
+        let st = unsafe {
+            kvm_calib_observe(ctx.0, cal, v.as_ptr(), v.len(), cells.as_ptr(), cells.len())
+        };
+        assert_eq!(st, kvm_status::KVM_STATUS_OK);
+    }
+    let path = temp_path("fixed");
+    let first = save_profile(cal, &path);
+    let loaded = load_profile(&path).unwrap();
+    let second = save_profile(loaded, &path);
+    assert_eq!(
+        String::from_utf8(second).unwrap(),
+        String::from_utf8(first).unwrap()
+    );
+    // A narrow spread at a high mean is where the rebuilt sums lost the standard deviation
+    // (0.01 came back as 0.010000000000002084).
+    let text = "kvmerger-profile 1\nlayers 2\n\
+                # layer <il> <links> <mean cos> <std> <share above 0.75>\n\
+                layer 0 1000 0.95 0.01 0.9\n\
+                layer 1 7 0.3 0.1 0.42857142857142855\n";
+    std::fs::write(&path, text).unwrap();
+    let hand = load_profile(&path).unwrap();
+    assert_eq!(String::from_utf8(save_profile(hand, &path)).unwrap(), text);
+    let _ = std::fs::remove_file(&path);
+    // SAFETY: from kvm_calib_load, freed once.
+    unsafe { kvm_calib_free(hand) };
+    let mut cache = Cache::new(&Shape::small(GgmlType::F16, GgmlType::F16, false), 9);
+    let views = cache.views();
+    let plan_with = |c: *const kvm_calib| {
+        // SAFETY: a live ctx used by this thread only, a live profile.
+        let st = unsafe { kvm_ctx_set_calib(ctx.0, c) };
+        assert_eq!(st, kvm_status::KVM_STATUS_OK);
+        run_plan(&ctx, &views, &cells, None, None, 16, false).unwrap()
+    };
+    assert_eq!(plan_with(cal), plan_with(loaded));
+    // SAFETY: from kvm_calib_init / kvm_calib_load, freed once.
+    unsafe {
+        kvm_calib_free(cal);
+        kvm_calib_free(loaded);
+    }
+}

@@ -483,7 +483,11 @@ pub unsafe extern "C" fn kvm_calib_save(
     })
 }
 
-/// Reads a profile written by `kvm_calib_save`; `*out` is a new profile on success.
+/// Reads a profile written by `kvm_calib_save`; `*out` is a new profile on success. A file
+/// over 16 MiB (no profile is that large) is refused without reading past that, and so is
+/// any value adjacent-key cosines cannot give (a mean outside [-1, 1], a spread too wide for
+/// its mean, a share outside [0, 1]), with KVM_STATUS_BAD_PROFILE. Saving a loaded profile
+/// writes its file back byte for byte.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvm_calib_load(
     path: *const c_char,

@@ -26,35 +26,113 @@ use crate::layout::LayerRows;
 /// The paper's threshold; recorded per layer as the merge ratio Observation 2 is about.
 pub(crate) const PAPER_EPS: f32 = 0.75;
 
+/// Largest profile file read: 100,000 layers (the most a profile may have) of about 100 bytes.
+pub(crate) const MAX_PROFILE_BYTES: u64 = 16 << 20;
+
+/// Most links a layer may count: a share above ε times this still rounds back to the exact
+/// count (f64 has 53 bits), which keeps a saved profile's shares as they were written.
+const MAX_LINKS: u64 = 1 << 48;
+
+/// One layer's statistics, held as the profile file states them, so that a profile saved,
+/// loaded and saved again is the same file (sums rebuilt from a mean and a standard deviation
+/// do not give them back bit for bit). A new window's statistics join by Chan et al.'s
+/// pairwise update.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LayerStat {
+    /// Links observed.
     pub n: u64,
-    pub sum: f64,
-    pub sumsq: f64,
+    /// Their mean cosine (0 without links).
+    pub mean: f64,
+    /// Their sample standard deviation (0 below two links).
+    pub std: f64,
+    /// Links above [`PAPER_EPS`].
     pub above: u64,
 }
 
 impl LayerStat {
-    pub fn mean(&self) -> f64 {
-        if self.n == 0 {
+    /// The statistics of one window's cosines.
+    fn of(cos: &[f32]) -> LayerStat {
+        let (mut sum, mut sumsq) = (0f64, 0f64);
+        for &c in cos {
+            sum += c as f64;
+            sumsq += (c as f64) * (c as f64);
+        }
+        let n = cos.len() as u64;
+        let mean = if n == 0 { 0.0 } else { sum / n as f64 };
+        let std = if n < 2 {
             0.0
         } else {
-            self.sum / self.n as f64
+            ((sumsq / n as f64 - mean * mean).max(0.0) * n as f64 / (n - 1) as f64).sqrt()
+        };
+        let above = cos.iter().filter(|&&c| c > PAPER_EPS).count() as u64;
+        LayerStat {
+            n,
+            mean,
+            std,
+            above,
         }
     }
-    pub fn std(&self) -> f64 {
-        if self.n < 2 {
-            return 0.0;
+
+    /// Adds `b`'s links to these.
+    fn merge(&mut self, b: &LayerStat) {
+        if b.n == 0 {
+            return;
         }
-        let m = self.mean();
-        ((self.sumsq / self.n as f64 - m * m).max(0.0) * self.n as f64 / (self.n - 1) as f64).sqrt()
+        if self.n == 0 {
+            *self = b.clone();
+            return;
+        }
+        let (na, nb) = (self.n as f64, b.n as f64);
+        let n = na + nb;
+        let d = b.mean - self.mean;
+        let m2 = |s: &LayerStat| s.std * s.std * (s.n as f64 - 1.0);
+        let m2 = m2(self) + m2(b) + d * d * na * nb / n;
+        // Rounding must not carry a mean of cosines out of [-1, 1]: a profile is refused there.
+        self.mean = (self.mean + d * nb / n).clamp(-1.0, 1.0);
+        self.std = (m2 / (n - 1.0)).sqrt();
+        self.n += b.n;
+        self.above += b.above;
     }
+
     pub fn frac_above(&self) -> f64 {
         if self.n == 0 {
             0.0
         } else {
             self.above as f64 / self.n as f64
         }
+    }
+
+    /// The statistics a line of a profile file states, checked against what cosines can give.
+    fn from_line(n: u64, mean: f64, std: f64, frac: f64) -> std::result::Result<Self, String> {
+        if n > MAX_LINKS {
+            return Err(format!("{n} links is more than {MAX_LINKS}"));
+        }
+        if !(-1.0..=1.0).contains(&mean) {
+            return Err(format!("mean cosine {mean} is not in [-1, 1]"));
+        }
+        if !(0.0..=1.0).contains(&frac) {
+            return Err(format!("share above {PAPER_EPS} {frac} is not in [0, 1]"));
+        }
+        if (n == 0 && (mean, std, frac) != (0.0, 0.0, 0.0)) || (n == 1 && std != 0.0) {
+            return Err(format!(
+                "{n} links cannot have mean {mean}, standard deviation {std}, share {frac}"
+            ));
+        }
+        // Values in [-1, 1] with mean μ have a population variance of at most (1 − μ)(1 + μ)
+        // (Bhatia–Davis); the margin covers rounding in the sums.
+        let nf = n as f64;
+        if n >= 2 && !(std >= 0.0 && std * std * (nf - 1.0) / nf <= 1.0 - mean * mean + 1e-9) {
+            return Err(format!(
+                "standard deviation {std} is not one of {n} cosines with mean {mean}"
+            ));
+        }
+        Ok(LayerStat {
+            n,
+            mean,
+            std,
+            // exact for a share that `frac_above` wrote, since n ≤ MAX_LINKS
+            above: (frac * nf).round() as u64,
+        })
     }
 }
 
@@ -88,12 +166,7 @@ impl Calib {
                 .collect()
         });
         for (st, cos) in self.layers.iter_mut().zip(&per_layer) {
-            for &c in cos {
-                st.n += 1;
-                st.sum += c as f64;
-                st.sumsq += (c as f64) * (c as f64);
-                st.above += (c > PAPER_EPS) as u64;
-            }
+            st.merge(&LayerStat::of(cos));
         }
         Ok(())
     }
@@ -103,9 +176,9 @@ impl Calib {
     pub fn standardizer(&self, il: usize) -> (f32, f32) {
         match self.layers.get(il) {
             Some(st) if st.n >= 2 => {
-                let sd = st.std();
+                let sd = st.std;
                 (
-                    st.mean() as f32,
+                    st.mean as f32,
                     if sd > 1e-6 { (1.0 / sd) as f32 } else { 0.0 },
                 )
             }
@@ -134,8 +207,8 @@ impl Calib {
             s.push_str(&format!(
                 "layer {il} {} {} {} {}\n",
                 st.n,
-                st.mean(),
-                st.std(),
+                st.mean,
+                st.std,
                 st.frac_above()
             ));
         }
@@ -166,36 +239,19 @@ impl Calib {
         let mut layers = vec![None; n_layers];
         for (ln, l) in lines {
             let f: Vec<&str> = l.split_whitespace().collect();
-            let parsed = (|| -> Option<(usize, LayerStat)> {
+            let parsed = (|| -> std::result::Result<(usize, LayerStat), String> {
+                let cannot = || format!("cannot read `{l}`");
                 if f.len() != 6 || f[0] != "layer" {
-                    return None;
+                    return Err(cannot());
                 }
-                let il: usize = f[1].parse().ok()?;
-                let n: u64 = f[2].parse().ok()?;
-                let mean: f64 = f[3].parse().ok()?;
-                let sd: f64 = f[4].parse().ok()?;
-                let frac: f64 = f[5].parse().ok()?;
-                if !(mean.is_finite() && sd.is_finite() && sd >= 0.0 && (0.0..=1.0).contains(&frac))
-                {
-                    return None;
-                }
-                // Rebuild the sums so profiles can be merged by further observation.
-                let var = if n >= 2 {
-                    sd * sd * (n - 1) as f64 / n as f64
-                } else {
-                    0.0
-                };
-                Some((
-                    il,
-                    LayerStat {
-                        n,
-                        sum: mean * n as f64,
-                        sumsq: (var + mean * mean) * n as f64,
-                        above: (frac * n as f64).round() as u64,
-                    },
-                ))
+                let il: usize = f[1].parse().map_err(|_| cannot())?;
+                let n: u64 = f[2].parse().map_err(|_| cannot())?;
+                let num = |s: &str| s.parse::<f64>().map_err(|_| cannot());
+                let st = LayerStat::from_line(n, num(f[3])?, num(f[4])?, num(f[5])?)
+                    .map_err(|m| format!("layer {il}: {m}"))?;
+                Ok((il, st))
             })()
-            .ok_or_else(|| bad(format!("line {}: cannot read `{l}`", ln + 1)))?;
+            .map_err(|m| bad(format!("line {}: {m}", ln + 1)))?;
             let (il, st) = parsed;
             let slot = layers
                 .get_mut(il)
@@ -217,9 +273,26 @@ impl Calib {
             .map_err(|e| Error::Io(format!("{}: {e}", path.display())))
     }
 
+    /// Reads a profile file, refusing one larger than [`MAX_PROFILE_BYTES`] before reading
+    /// past that (`/dev/zero` was read until memory ran out).
     pub fn load(path: &std::path::Path) -> Result<Calib> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        use std::io::Read;
+        let io = |e: std::io::Error| Error::Io(format!("{}: {e}", path.display()));
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .map_err(io)?
+            .take(MAX_PROFILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_PROFILE_BYTES {
+            return Err(Error::BadProfile(format!(
+                "{}: larger than {} MiB, no profile",
+                path.display(),
+                MAX_PROFILE_BYTES >> 20
+            )));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::BadProfile(format!("{}: not UTF-8 text", path.display())))?;
         Calib::from_text(&text)
     }
 }
