@@ -148,6 +148,8 @@ typedef struct kvm_ctx kvm_ctx;
 typedef struct kvm_plan kvm_plan;
 
 // Parameters of a `kvm_ctx`. Get the defaults from `kvm_params_default()` and change fields.
+// `kvm_ctx_init` refuses, with KVM_STATUS_INVALID_ARG, an enum field that holds none of its
+// enum's values and each value a field's comment says is refused.
 typedef struct kvm_params {
   // Threads of the ctx's own pool; 0 = one per CPU. Default 0. Above `KVM_MAX_THREADS`
   // `kvm_ctx_init` refuses it with KVM_STATUS_INVALID_ARG (every thread is started there).
@@ -159,18 +161,20 @@ typedef struct kvm_params {
   uint32_t n_sink;
   // Last cells of the window never freed. Default 32.
   uint32_t n_recent;
-  // Share of the window with the most attention never freed, in [0, 1]. Default 0.05.
+  // Share of the window with the most attention never freed, in [0, 1] (refused outside,
+  // and NaN). Default 0.05.
   float heavy_frac;
   // Links with a mean key cosine below this are not merged (under EVICT_FOLD: a leaving
-  // cell this unlike its neighbour is evicted, not folded); below -1 means no floor.
-  // Default -2 (off).
+  // cell this unlike its neighbour is evicted, not folded); below -1 means no floor. NaN is
+  // refused: it compares neither above nor below a cosine. Default -2 (off).
   float sim_floor;
   // A `kvm_pivot`. Default KVM_PIVOT_ATTENTION.
   int32_t pivot;
   // A `kvm_sigma`. Default KVM_SIGMA_ADAPTIVE.
   int32_t sigma_mode;
-  // σ for KVM_SIGMA_FIXED, the multiplier for KVM_SIGMA_RELATIVE and KVM_SIGMA_LAYER
-  // (> 0 for all three). Default 5, which is meant for FIXED: a host choosing another sets
+  // σ for KVM_SIGMA_FIXED, the multiplier for KVM_SIGMA_RELATIVE and KVM_SIGMA_LAYER; under
+  // those three modes anything but a finite value > 0 is refused (a zero or infinite kernel
+  // width has no weights). Default 5, which is meant for FIXED: a host choosing another sets
   // its own.
   float sigma;
   // A `kvm_value_mode`. Default KVM_VALUE_MODE_NONE.
@@ -180,13 +184,17 @@ typedef struct kvm_params {
   // Average values (true) or keep the pivot's value (false). Default true.
   bool merge_values;
   // Added to a link's score in proportion to its age (oldest 1, newest 0). Default 0.
+  // Refused when not finite: it would give every link the same infinite (or NaN) score.
   float age_bias;
-  // Largest merging set; 0 = no limit. Default 0.
+  // Largest merging set; 0 = no limit. Default 0. 1 is refused: a set of one is no merge,
+  // so it would forbid every merge (use 0 for no limit).
   uint32_t max_set;
-  // CaM: how many following kept cells share an evicted value (> 0). Default 4.
+  // CaM: how many following kept cells share an evicted value; 0 is refused (the value
+  // would go nowhere). Default 4.
   uint32_t cam_span;
   // Most tokens one cell may stand for after a merge; links over it are not taken and the
-  // budget they leave is met by eviction. 0 = no limit. Default 0.
+  // budget they leave is met by eviction. 0 = no limit. Default 0. 1 is refused: every cell
+  // already stands for a token, so a merge would always go over it (use 0 for no limit).
   uint32_t max_count;
 } kvm_params;
 
@@ -243,7 +251,7 @@ typedef struct kvm_query_rows {
   const float *q;
   // Query heads of the layer, a multiple of its `n_head_kv`.
   uint32_t n_head;
-  // The logit scale, usually `1/√n_embd_head_k`.
+  // The logit scale, usually `1/√n_embd_head_k`. Not finite: KVM_STATUS_INVALID_ARG.
   float kq_scale;
 } kvm_query_rows;
 
@@ -324,10 +332,10 @@ kvm_status kvm_plan_apply(const struct kvm_ctx *ctx,
 // if the host rotates quantized K). Softmax per query head over the given cells (pass all the
 // sequence's cells), `logit = kq_scale · q·k + bias[i]` (`bias` nullable, e.g. ln(count)).
 // Query head h reads KV head `h / (n_head / n_head_kv)`. `attn` is read and written.
-// Queries and the cells' keys must be finite, and each bias finite or −inf (which masks the
-// cell); anything else gives KVM_STATUS_INVALID_ARG with `attn` untouched. Logits beyond
-// f32's range are taken in f64, so each query head adds a softmax that sums to 1 (or nothing,
-// when the bias masks every cell).
+// `kq_scale`, the queries and the cells' keys must be finite, and each bias finite or −inf
+// (which masks the cell); anything else gives KVM_STATUS_INVALID_ARG, `attn` untouched.
+// Logits beyond f32's range are taken in f64, so each query head adds a softmax that sums
+// to 1 (or nothing, when the bias masks every cell).
 // For several layers, `kvm_attn_from_queries_layers` does the same in one parallel pass.
 kvm_status kvm_attn_from_queries(const struct kvm_ctx *ctx,
                                  const struct kvm_layer_view *layer,

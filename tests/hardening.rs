@@ -477,3 +477,58 @@ fn f4_save_load_save_is_a_fixed_point() {
         kvm_calib_free(loaded);
     }
 }
+
+/// Finding 7: refusals the header did not mention. Each field's comment now says what is
+/// refused; each is refused with KVM_STATUS_INVALID_ARG and a message naming the field, and
+/// the value next to it is accepted.
+#[test]
+fn f7_documented_refusals_are_refused() {
+    type Set = fn(&mut kvm_params);
+    let cases: [(&str, Set, Set); 7] = [
+        ("max_set", |p| p.max_set = 1, |p| p.max_set = 2),
+        ("max_count", |p| p.max_count = 1, |p| p.max_count = 2),
+        (
+            "sim_floor",
+            |p| p.sim_floor = f32::NAN,
+            |p| p.sim_floor = -1.5,
+        ),
+        (
+            "age_bias",
+            |p| p.age_bias = f32::INFINITY,
+            |p| p.age_bias = 1e30,
+        ),
+        ("age_bias", |p| p.age_bias = f32::NAN, |p| p.age_bias = -1.0),
+        (
+            "heavy_frac",
+            |p| p.heavy_frac = f32::NAN,
+            |p| p.heavy_frac = 1.0,
+        ),
+        ("cam_span", |p| p.cam_span = 0, |p| p.cam_span = 1),
+    ];
+    for (field, bad, good) in cases {
+        let mut p = kvm_params_default();
+        bad(&mut p);
+        let mut c = std::ptr::null_mut();
+        // SAFETY: valid pointers.
+        let st = unsafe { kvm_ctx_init(&p, &mut c) };
+        assert_eq!(st, kvm_status::KVM_STATUS_INVALID_ARG, "{field}");
+        assert!(c.is_null());
+        assert!(last_error().contains(field), "{field}: {}", last_error());
+        let mut p = kvm_params_default();
+        good(&mut p);
+        drop(Ctx::new(&p));
+    }
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    let (mut cache, q) = attention_fixture(GgmlType::F16, 1.0);
+    let view = cache.views()[0];
+    for kq in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let (st, attn) = attention(&ctx, &view, &q, 4, kq, None);
+        assert_eq!(st, kvm_status::KVM_STATUS_INVALID_ARG, "kq_scale {kq}");
+        assert!(last_error().contains("kq_scale"), "{}", last_error());
+        assert_eq!(attn, vec![1.0; 64]);
+    }
+    assert_eq!(
+        attention(&ctx, &view, &q, 4, 0.0, None).0,
+        kvm_status::KVM_STATUS_OK
+    );
+}

@@ -294,10 +294,10 @@ pub unsafe extern "C" fn kvm_plan_apply(
 /// if the host rotates quantized K). Softmax per query head over the given cells (pass all the
 /// sequence's cells), `logit = kq_scale · q·k + bias[i]` (`bias` nullable, e.g. ln(count)).
 /// Query head h reads KV head `h / (n_head / n_head_kv)`. `attn` is read and written.
-/// Queries and the cells' keys must be finite, and each bias finite or −inf (which masks the
-/// cell); anything else gives KVM_STATUS_INVALID_ARG with `attn` untouched. Logits beyond
-/// f32's range are taken in f64, so each query head adds a softmax that sums to 1 (or nothing,
-/// when the bias masks every cell).
+/// `kq_scale`, the queries and the cells' keys must be finite, and each bias finite or −inf
+/// (which masks the cell); anything else gives KVM_STATUS_INVALID_ARG, `attn` untouched.
+/// Logits beyond f32's range are taken in f64, so each query head adds a softmax that sums
+/// to 1 (or nothing, when the bias masks every cell).
 /// For several layers, `kvm_attn_from_queries_layers` does the same in one parallel pass.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvm_attn_from_queries(

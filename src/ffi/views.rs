@@ -70,6 +70,8 @@ pub enum kvm_value_mode {
 }
 
 /// Parameters of a `kvm_ctx`. Get the defaults from `kvm_params_default()` and change fields.
+/// `kvm_ctx_init` refuses, with KVM_STATUS_INVALID_ARG, an enum field that holds none of its
+/// enum's values and each value a field's comment says is refused.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct kvm_params {
@@ -83,18 +85,20 @@ pub struct kvm_params {
     pub n_sink: u32,
     /// Last cells of the window never freed. Default 32.
     pub n_recent: u32,
-    /// Share of the window with the most attention never freed, in [0, 1]. Default 0.05.
+    /// Share of the window with the most attention never freed, in [0, 1] (refused outside,
+    /// and NaN). Default 0.05.
     pub heavy_frac: f32,
     /// Links with a mean key cosine below this are not merged (under EVICT_FOLD: a leaving
-    /// cell this unlike its neighbour is evicted, not folded); below -1 means no floor.
-    /// Default -2 (off).
+    /// cell this unlike its neighbour is evicted, not folded); below -1 means no floor. NaN is
+    /// refused: it compares neither above nor below a cosine. Default -2 (off).
     pub sim_floor: f32,
     /// A `kvm_pivot`. Default KVM_PIVOT_ATTENTION.
     pub pivot: i32,
     /// A `kvm_sigma`. Default KVM_SIGMA_ADAPTIVE.
     pub sigma_mode: i32,
-    /// σ for KVM_SIGMA_FIXED, the multiplier for KVM_SIGMA_RELATIVE and KVM_SIGMA_LAYER
-    /// (> 0 for all three). Default 5, which is meant for FIXED: a host choosing another sets
+    /// σ for KVM_SIGMA_FIXED, the multiplier for KVM_SIGMA_RELATIVE and KVM_SIGMA_LAYER; under
+    /// those three modes anything but a finite value > 0 is refused (a zero or infinite kernel
+    /// width has no weights). Default 5, which is meant for FIXED: a host choosing another sets
     /// its own.
     pub sigma: f32,
     /// A `kvm_value_mode`. Default KVM_VALUE_MODE_NONE.
@@ -104,13 +108,17 @@ pub struct kvm_params {
     /// Average values (true) or keep the pivot's value (false). Default true.
     pub merge_values: bool,
     /// Added to a link's score in proportion to its age (oldest 1, newest 0). Default 0.
+    /// Refused when not finite: it would give every link the same infinite (or NaN) score.
     pub age_bias: f32,
-    /// Largest merging set; 0 = no limit. Default 0.
+    /// Largest merging set; 0 = no limit. Default 0. 1 is refused: a set of one is no merge,
+    /// so it would forbid every merge (use 0 for no limit).
     pub max_set: u32,
-    /// CaM: how many following kept cells share an evicted value (> 0). Default 4.
+    /// CaM: how many following kept cells share an evicted value; 0 is refused (the value
+    /// would go nowhere). Default 4.
     pub cam_span: u32,
     /// Most tokens one cell may stand for after a merge; links over it are not taken and the
-    /// budget they leave is met by eviction. 0 = no limit. Default 0.
+    /// budget they leave is met by eviction. 0 = no limit. Default 0. 1 is refused: every cell
+    /// already stands for a token, so a merge would always go over it (use 0 for no limit).
     pub max_count: u32,
 }
 
@@ -258,7 +266,7 @@ pub struct kvm_query_rows {
     pub q: *const f32,
     /// Query heads of the layer, a multiple of its `n_head_kv`.
     pub n_head: u32,
-    /// The logit scale, usually `1/√n_embd_head_k`.
+    /// The logit scale, usually `1/√n_embd_head_k`. Not finite: KVM_STATUS_INVALID_ARG.
     pub kq_scale: f32,
 }
 
