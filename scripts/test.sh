@@ -38,4 +38,10 @@ if [ "${KVM_TEST_QUICK:-0}" != 1 ]; then
     say "llama.cpp integration on SmolLM2-135M (builds the patched tree; scripts/test-llama.sh)"
     scripts/test-llama.sh
 fi
+if [ "${KVM_TEST_QUICK:-0}" != 1 ]; then
+    say "chats and prompts past the context in llama-server and llama-cli (tests/server/chat.py)"
+    python3 -c "import openai" 2>/dev/null || python3 -m pip install --quiet "openai==3.63.0"
+    python3 tests/server/chat.py --bin build/llama.cpp-build/bin --model "$(scripts/fetch-model.sh)" \
+        --threads "${KVM_TEST_THREADS:-2}"
+fi
 say "all tests passed"
