@@ -278,6 +278,19 @@ bool kvm_has_cuda(void);
 // The ABI version this library was built with (`KVM_ABI_VERSION`).
 uint32_t kvm_abi_version(void);
 
+// Whether a host should score attention (`kvm_attn_from_queries_layers`, `kvm_attn_add_probs`)
+// before planning with this `kvm_method` and `kvm_pivot` (the values of `kvm_params.method`
+// and `kvm_params.pivot`), or pass `attn` = NULL to `kvm_plan_init` and skip that cost.
+//
+// True when `pivot` is KVM_PIVOT_ATTENTION and `method` is KVM_METHOD_KVMERGER,
+// KVM_METHOD_H2O, KVM_METHOD_CAM or KVM_METHOD_EVICT_FOLD, the methods whose plans depend on
+// `attn`. False for KVM_METHOD_CONTEXT_SHIFT and KVM_METHOD_STREAMING_LLM, which choose by
+// position alone (`kvm_plan_init` ignores an `attn` given with them, beyond checking it), for
+// KVM_PIVOT_QUERY_FREE, which asks for a plan without queries (with `attn` = NULL: no heavy
+// hitters, oldest-first eviction, pivots nearest the count-weighted mean key), and for a value
+// that is not one of its enum's (which `kvm_ctx_init` refuses).
+bool kvm_method_reads_attention(int32_t method, int32_t pivot);
+
 // Creates a context. `params` may be NULL for the defaults. On success writes a new handle
 // to `*out` (free it with `kvm_ctx_free`); on failure `*out` is untouched.
 kvm_status kvm_ctx_init(const struct kvm_params *params, struct kvm_ctx **out);
@@ -295,7 +308,8 @@ kvm_status kvm_ctx_params(const struct kvm_ctx *ctx, struct kvm_params *out);
 // attention per window cell, or NULL (query-free pivots, oldest-first eviction).
 // `counts[n_cells]`: tokens each cell already stands for (≥ 1), or NULL for all 1.
 // Frees exactly `n_free` cells or fails with KVM_STATUS_BUDGET. On success `*out` is a new
-// plan (free with `kvm_plan_free`); nothing is written to any buffer.
+// plan (free with `kvm_plan_free`); nothing is written to any buffer. `attn` is ignored
+// (after its check) by the methods `kvm_method_reads_attention` says read none.
 kvm_status kvm_plan_init(const struct kvm_ctx *ctx,
                          const struct kvm_layer_view *layers,
                          size_t n_layers,

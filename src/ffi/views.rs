@@ -69,6 +69,71 @@ pub enum kvm_value_mode {
     KVM_VALUE_MODE_LOGBIAS = 2,
 }
 
+c_enum!(kvm_method {
+    KVM_METHOD_KVMERGER,
+    KVM_METHOD_CONTEXT_SHIFT,
+    KVM_METHOD_STREAMING_LLM,
+    KVM_METHOD_H2O,
+    KVM_METHOD_CAM,
+    KVM_METHOD_EVICT_FOLD,
+});
+c_enum!(kvm_pivot {
+    KVM_PIVOT_ATTENTION,
+    KVM_PIVOT_QUERY_FREE,
+});
+c_enum!(kvm_sigma {
+    KVM_SIGMA_ADAPTIVE,
+    KVM_SIGMA_FIXED,
+    KVM_SIGMA_ATTENTION,
+    KVM_SIGMA_RELATIVE,
+    KVM_SIGMA_LAYER,
+});
+c_enum!(kvm_value_mode {
+    KVM_VALUE_MODE_NONE,
+    KVM_VALUE_MODE_PAPER,
+    KVM_VALUE_MODE_LOGBIAS,
+});
+
+/// The C enums and the core's are converted both ways by one pair of `From`s each (`Sigma`
+/// carries its width, so `to_params` builds it).
+macro_rules! same_enum {
+    ($c:ident <=> $r:ident { $($cv:ident <=> $rv:ident),+ $(,)? }) => {
+        impl From<$c> for $r {
+            fn from(x: $c) -> $r {
+                match x {
+                    $($c::$cv => $r::$rv),+
+                }
+            }
+        }
+
+        impl From<$r> for $c {
+            fn from(x: $r) -> $c {
+                match x {
+                    $($r::$rv => $c::$cv),+
+                }
+            }
+        }
+    };
+}
+
+same_enum!(kvm_method <=> Method {
+    KVM_METHOD_KVMERGER <=> KvMerger,
+    KVM_METHOD_CONTEXT_SHIFT <=> ContextShift,
+    KVM_METHOD_STREAMING_LLM <=> StreamingLlm,
+    KVM_METHOD_H2O <=> H2o,
+    KVM_METHOD_CAM <=> Cam,
+    KVM_METHOD_EVICT_FOLD <=> EvictFold,
+});
+same_enum!(kvm_pivot <=> Pivot {
+    KVM_PIVOT_ATTENTION <=> Attention,
+    KVM_PIVOT_QUERY_FREE <=> QueryFree,
+});
+same_enum!(kvm_value_mode <=> ValueMode {
+    KVM_VALUE_MODE_NONE <=> None,
+    KVM_VALUE_MODE_PAPER <=> Paper,
+    KVM_VALUE_MODE_LOGBIAS <=> LogBias,
+});
+
 /// Parameters of a `kvm_ctx`. Get the defaults from `kvm_params_default()` and change fields.
 /// `kvm_ctx_init` refuses, with KVM_STATUS_INVALID_ARG, an enum field that holds none of its
 /// enum's values and each value a field's comment says is refused.
@@ -126,22 +191,12 @@ impl kvm_params {
     pub(crate) fn from_params(p: &Params, n_threads: u32) -> kvm_params {
         kvm_params {
             n_threads,
-            method: match p.method {
-                Method::KvMerger => kvm_method::KVM_METHOD_KVMERGER,
-                Method::ContextShift => kvm_method::KVM_METHOD_CONTEXT_SHIFT,
-                Method::StreamingLlm => kvm_method::KVM_METHOD_STREAMING_LLM,
-                Method::H2o => kvm_method::KVM_METHOD_H2O,
-                Method::Cam => kvm_method::KVM_METHOD_CAM,
-                Method::EvictFold => kvm_method::KVM_METHOD_EVICT_FOLD,
-            } as i32,
+            method: kvm_method::from(p.method) as i32,
             n_sink: p.n_sink as u32,
             n_recent: p.n_recent as u32,
             heavy_frac: p.heavy_frac,
             sim_floor: p.sim_floor.unwrap_or(-2.0),
-            pivot: match p.pivot {
-                Pivot::Attention => kvm_pivot::KVM_PIVOT_ATTENTION,
-                Pivot::QueryFree => kvm_pivot::KVM_PIVOT_QUERY_FREE,
-            } as i32,
+            pivot: kvm_pivot::from(p.pivot) as i32,
             sigma_mode: match p.sigma {
                 Sigma::Adaptive => kvm_sigma::KVM_SIGMA_ADAPTIVE,
                 Sigma::Fixed(_) => kvm_sigma::KVM_SIGMA_FIXED,
@@ -153,11 +208,7 @@ impl kvm_params {
                 Sigma::Fixed(s) | Sigma::Relative(s) | Sigma::Layer(s) => s,
                 Sigma::Adaptive | Sigma::Attention => 5.0,
             },
-            value_mode: match p.value_mode {
-                ValueMode::None => kvm_value_mode::KVM_VALUE_MODE_NONE,
-                ValueMode::Paper => kvm_value_mode::KVM_VALUE_MODE_PAPER,
-                ValueMode::LogBias => kvm_value_mode::KVM_VALUE_MODE_LOGBIAS,
-            } as i32,
+            value_mode: kvm_value_mode::from(p.value_mode) as i32,
             merge_keys: p.merge_keys,
             merge_values: p.merge_values,
             age_bias: p.age_bias,
@@ -168,9 +219,11 @@ impl kvm_params {
     }
 
     pub(crate) fn to_params(self) -> Result<Params> {
-        let bad = |f: &str, v: i32| {
-            Error::InvalidArg(format!("kvm_params.{f} = {v} is not a known value"))
-        };
+        fn known<T: TryFrom<i32, Error = i32>>(field: &str, v: i32) -> Result<T> {
+            T::try_from(v).map_err(|v| {
+                Error::InvalidArg(format!("kvm_params.{field} = {v} is not a known value"))
+            })
+        }
         if self.n_threads > KVM_MAX_THREADS {
             return Err(Error::InvalidArg(format!(
                 "kvm_params.n_threads = {} is above KVM_MAX_THREADS = {KVM_MAX_THREADS} \
@@ -179,15 +232,7 @@ impl kvm_params {
             )));
         }
         let p = Params {
-            method: match self.method {
-                0 => Method::KvMerger,
-                1 => Method::ContextShift,
-                2 => Method::StreamingLlm,
-                3 => Method::H2o,
-                4 => Method::Cam,
-                5 => Method::EvictFold,
-                v => return Err(bad("method", v)),
-            },
+            method: known::<kvm_method>("method", self.method)?.into(),
             n_sink: self.n_sink as usize,
             n_recent: self.n_recent as usize,
             heavy_frac: self.heavy_frac,
@@ -198,25 +243,15 @@ impl kvm_params {
             } else {
                 Some(self.sim_floor)
             },
-            pivot: match self.pivot {
-                0 => Pivot::Attention,
-                1 => Pivot::QueryFree,
-                v => return Err(bad("pivot", v)),
+            pivot: known::<kvm_pivot>("pivot", self.pivot)?.into(),
+            sigma: match known::<kvm_sigma>("sigma_mode", self.sigma_mode)? {
+                kvm_sigma::KVM_SIGMA_ADAPTIVE => Sigma::Adaptive,
+                kvm_sigma::KVM_SIGMA_FIXED => Sigma::Fixed(self.sigma),
+                kvm_sigma::KVM_SIGMA_ATTENTION => Sigma::Attention,
+                kvm_sigma::KVM_SIGMA_RELATIVE => Sigma::Relative(self.sigma),
+                kvm_sigma::KVM_SIGMA_LAYER => Sigma::Layer(self.sigma),
             },
-            sigma: match self.sigma_mode {
-                0 => Sigma::Adaptive,
-                1 => Sigma::Fixed(self.sigma),
-                2 => Sigma::Attention,
-                3 => Sigma::Relative(self.sigma),
-                4 => Sigma::Layer(self.sigma),
-                v => return Err(bad("sigma_mode", v)),
-            },
-            value_mode: match self.value_mode {
-                0 => ValueMode::None,
-                1 => ValueMode::Paper,
-                2 => ValueMode::LogBias,
-                v => return Err(bad("value_mode", v)),
-            },
+            value_mode: known::<kvm_value_mode>("value_mode", self.value_mode)?.into(),
             merge_keys: self.merge_keys,
             merge_values: self.merge_values,
             age_bias: self.age_bias,

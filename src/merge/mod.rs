@@ -39,6 +39,15 @@ pub enum Method {
     EvictFold,
 }
 
+impl Method {
+    /// Whether a plan of this method depends on the attention it is given (heavy hitters, who
+    /// leaves, pivots). Context shift and StreamingLLM choose by position alone, so a host need
+    /// not score queries for them; `plan` ignores the attention they are given.
+    pub fn reads_attention(self) -> bool {
+        !matches!(self, Method::ContextShift | Method::StreamingLlm)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pivot {
     /// The member with the most accumulated attention (query-free when none is given).

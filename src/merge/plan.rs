@@ -225,6 +225,8 @@ pub fn plan<L: LayerRows + Sync>(
     if let Some(c) = calib {
         c.check_fits(layers.len())?;
     }
+    // Checked above either way; the methods that choose by position never see it.
+    let attn = attn.filter(|_| params.method.reads_attention());
     let geoms: Vec<LayerGeom> = layers.iter().map(|l| *l.geom()).collect();
     let prot = protect(params, n, attn);
     let n_free_max = match params.method {
