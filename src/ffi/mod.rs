@@ -240,8 +240,10 @@ pub unsafe extern "C" fn kvm_ctx_params(ctx: *const kvm_ctx, out: *mut kvm_param
 /// attention per window cell, or NULL (query-free pivots, oldest-first eviction).
 /// `counts[n_cells]`: tokens each cell already stands for (≥ 1), or NULL for all 1.
 /// Frees exactly `n_free` cells or fails with KVM_STATUS_BUDGET. On success `*out` is a new
-/// plan (free with `kvm_plan_free`); nothing is written to any buffer. `attn` is ignored
-/// (after its check) by the methods `kvm_method_reads_attention` says read none.
+/// plan (free with `kvm_plan_free`); nothing is written to any buffer. Which cells leave and
+/// which survivor each joins follow the rules under `kvm_method`; `attn` is ignored (after
+/// its check) by the methods `kvm_method_reads_attention` says read none. A plan depends only
+/// on its inputs (not on the thread count): every tie is broken by position as stated there.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvm_plan_init(
     ctx: *const kvm_ctx,

@@ -5,19 +5,23 @@
 //! not merged) or is evicted. Sets are runs of consecutive window cells for the merging
 //! methods. Exactly `n_free` cells are freed.
 //!
-//! KVMerger (docs/method.md, "Our reading": sets, budget, pivot, counts).
-//! Protect the sinks (the first `n_sink` window cells), the
-//! recent window (the last `n_recent`) and the heavy hitters (the `heavy_frac` share of the
-//! window with the most attention). A link joins window cells `i` and `i+1` when both are
-//! unprotected; links are taken in descending score (the mean adjacent-key cosine, or its
-//! calibrated form, plus an optional age bias) until `n_free` links are taken, since every
-//! taken link frees exactly one cell. Links under the similarity floor, or that would make a
-//! set longer than `max_set` cells or stand for more than `max_count` tokens, are skipped; when
-//! that leaves the budget unmet, whole unprotected sets are evicted, least attended (without
-//! attention: oldest) first, and reported as `n_evicted` (each evicted set frees one more cell
-//! than merging it did). In each merged set the pivot, the cell that survives, is the member
-//! with the most attention, or without attention the member nearest the set's mean key. Ties
-//! always go to the older cell so the plan is a pure function of its inputs.
+//! KVMerger (docs/method.md, "Our reading": sets, budget, pivot, counts). Protect the sinks
+//! (the first `n_sink` window cells), the recent window (the last `n_recent`) and the heavy
+//! hitters (`round(heavy_frac · n)` cells besides those, the most attended). A link joins
+//! window cells `i` and `i+1` when both are unprotected; links are taken in descending score
+//! (the mean adjacent-key cosine, or its calibrated form, plus an optional age bias) until
+//! `n_free` links are taken, since every taken link frees exactly one cell. Links under the
+//! similarity floor, or that would make a set longer than `max_set` cells or stand for more
+//! than `max_count` tokens, are skipped; when that leaves the budget unmet, whole unprotected
+//! sets are evicted, least attended (by their most attended member; without attention: oldest)
+//! first, and reported as `n_evicted` (each evicted set frees one more cell than merging it
+//! did). In each merged set the pivot, the cell that survives, is the member with the most
+//! attention, or without attention the member nearest the set's count-weighted mean key. Ties
+//! always go to the older cell so the plan is a pure function of its inputs (EVICT_FOLD's split
+//! is the one exception, see `evict_fold`).
+//!
+//! Every rule is stated for hosts in the header (`kvm_method` in `ffi/views.rs`) and checked
+//! by `tests/plan_rules.rs`; a change here changes both.
 
 use super::calib::Calib;
 use super::scores;
@@ -397,10 +401,12 @@ fn kvmerger<L: LayerRows + Sync>(
     }
 }
 
-/// Attention decides who leaves; each leaving cell joins the set of the surviving neighbour
-/// its key is more similar to. Between two survivors a run of leaving cells is split where the
-/// summed similarity is largest, so sets stay runs. Sinks never absorb anything; a leaving
-/// cell with no survivor it may join is evicted.
+/// Attention decides who leaves; each maximal run of leaving cells joins the surviving
+/// neighbours on its two sides. Between two survivors the run is split where the summed
+/// similarity is largest, so sets stay runs (and a cell may join its less similar neighbour;
+/// on a tie the split is the first, so a lone cell as similar to both goes right). Sinks never
+/// absorb anything; a leaving cell with no survivor it may join is evicted. The rules as the
+/// header states them: `kvm_method::KVM_METHOD_EVICT_FOLD`.
 #[allow(clippy::too_many_arguments)]
 fn evict_fold<L: LayerRows + Sync>(
     ex: &Exec,
