@@ -266,16 +266,13 @@ pub unsafe extern "C" fn kvm_plan_init(
         layout::validate_cells(cells, geoms[0].n_cells)?;
         // SAFETY: validated views; the caller keeps the buffers valid and unwritten during the call.
         let views = unsafe { layout::borrow(&raw, &geoms) };
-        let p = plan::plan(
-            &c.exec(),
-            &c.params,
-            c.calib.as_ref(),
-            &views,
+        let event = plan::Event {
             cells,
             attn,
             counts,
-            n_free as usize,
-        )?;
+            n_free: n_free as usize,
+        };
+        let p = plan::plan(&c.exec(), &c.params, c.calib.as_ref(), &views, event)?;
         *out = Box::into_raw(Box::new(p)) as *mut kvm_plan;
         Ok(())
     })

@@ -36,7 +36,7 @@ pub enum Method {
     Cam,
     /// Hybrid: attention decides who leaves (as H2O), each run of leaving cells is merged into
     /// its surviving neighbours with the Gaussian weights, split where the summed key
-    /// similarity is largest (`plan::evict_fold`).
+    /// similarity is largest (`plan/evict_fold.rs`).
     EvictFold,
 }
 
