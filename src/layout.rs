@@ -641,9 +641,9 @@ pub(crate) const PREFETCH_AHEAD: usize = 4;
 /// lines cost more than the misses it saved.
 #[inline]
 fn prefetch(bytes: &[u8]) {
+    let n = bytes.len().min(PREFETCH_BYTES);
     #[cfg(target_arch = "x86_64")]
     {
-        let n = bytes.len().min(PREFETCH_BYTES);
         let p = bytes.as_ptr();
         let mut off = 0;
         while off < n {
@@ -666,7 +666,7 @@ fn prefetch(bytes: &[u8]) {
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    let _ = n;
 }
 
 /// Most bytes of one row [`prefetch`] asks for.
