@@ -1,20 +1,20 @@
 #!/usr/bin/env python3
 """Quality and cost of each compression method in a long chat, through the real llama-server.
 
-  eval/chat_bench.py --bin build/llama.cpp-build/bin --model M.gguf [--ctx 1024] [--convs 4] [--threads 1]
-                     [--keep 0.5] [--methods full,stock,context-shift,streaming-llm,h2o,kvmerger,evict-fold]
+  eval/chat_bench.py --bin build/llama.cpp-build/bin --model M.gguf [--ctx 512] [--convs 3] [--threads 1]
+                     [--jobs 1] [--keep 0.5] [--methods full,stock,context-shift,streaming-llm,h2o,kvmerger,evict-fold]
                      [--out out/chat] [--resume]
 
 The transcripts are real human chat logs: the Chit-Chat Challenge corpus of BYU's PCC lab (7,168
 conversations, MIT licence), which the PyPI wheel chitchat-dataset==0.9.0 ships as one JSON file. The
 wheel is downloaded with pip into .cache/data (sha256-checked) and read in place, never installed.
---convs conversations of 2,600-3,400 tokens and at least 40 turns are taken in the order of their ids;
-the speaker of the first turn is the user, the other one the assistant. Into --facts of the user turns
-in the first 30 % of each conversation a fact is put in front of the text ("By the way, my sister's
-name is Ingrid."); the system prompt is one short sentence.
+--convs conversations of 2.6-3.4x --ctx tokens and at least 30 turns are taken in the order of their
+ids; the speaker of the first turn is the user, the other one the assistant. Into --facts of the user
+turns in the first 30 % of each conversation a fact is put in front of the text ("Remember this: my
+locker code is 3201."); the system prompt is one short sentence.
 
-Every method runs in its own llama-server (-c --ctx, one slot, temperature 0), so the conversation is
-2.5-3.5x the context at the default --ctx 1024. Two passes per conversation:
+Every method runs in its own llama-server (-c --ctx, one slot, temperature 0; --jobs of them at once),
+so the conversation is 2.6-3.4x the context. Two passes per conversation:
 
   score   Teacher forcing through /completion: the conversation, rendered with the model's chat template
           and tokenized by the server, is sent one token longer at a time from the first assistant token
@@ -25,13 +25,15 @@ Every method runs in its own llama-server (-c --ctx, one slot, temperature 0), s
           kv_merge_keep_text and kv_merge_turn_text the chat endpoint derives from the same messages
           (the system prompt is never compressed, the newest user turn stays verbatim), so the cache
           is compressed where the chat endpoint would compress it had the model written these replies.
+          The tokens before --ctx - 64 go in one request (nothing is compressed before the cache is full).
           Scored: every assistant token (its text and the template's end-of-turn token) whose
           position is at or past --ctx, where every compressed method has compressed.
   chat    The same conversation through the chat endpoint with the OpenAI client, turn by turn as a chat
           UI sends it (the whole history each time, the transcript's replies as the assistant's
-          messages, max_tokens 1), then one question per fact ("What is my sister's name?"), asked in
-          turn at the end of the chat (max_tokens 24, the model's answers kept in the history). A
-          question counts as answered when its value appears in the reply (case-insensitive).
+          messages, max_tokens 1), then one question per fact ("What is my locker code?"), asked in
+          turn at the end of the chat, the reply started for the model ("Your locker code is", an
+          assistant prefill; max_tokens 12; the answers kept in the history). A question counts as
+          answered when its number appears in the reply.
           Per turn: prompt_n, prompt_ms and timings.kv_merge (events, freed, ms, n_history, n_cells).
 
 Methods: full (the whole conversation in the cache: -c 8192, the reference), stock (--context-shift
