@@ -174,8 +174,14 @@ class Server(chat.Server):
         self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
 
     def post(self, path, body):
-        self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        r = self.conn.getresponse()
+        try:
+            self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            r = self.conn.getresponse()
+        except (http.client.HTTPException, ConnectionError):
+            # the server closes a connection idle for a few seconds (while the OpenAI client talked)
+            self.conn.close()
+            self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            r = self.conn.getresponse()
         data = json.loads(r.read())
         if r.status != 200:
             raise RuntimeError(f"{path}: HTTP {r.status}: {str(data)[:300]}")
