@@ -382,7 +382,7 @@ def summarize(a, runs, convs):
       f"(questions) resampled within each conversation")
     p()
     hdr = (f"{'method':<15} {'ppl':>8} {'gap closed [95 %]':>22} {'ppl vs ' + REF + ' [95 %]':>30} "
-           f"{'facts [95 %]':>22} {'events':>6} {'cost/turn med (max)':>20} {'reproc':>6}")
+           f"{'facts [95 %]':>22} {'events':>9} {'cost/turn med (max)':>20} {'reproc':>6}")
     p(hdr)
     table = []
     for m in runs:
@@ -426,10 +426,11 @@ def summarize(a, runs, convs):
         gap_s = f"{f2(row['gap'])} [{f2(row['gap_lo'])},{f2(row['gap_hi'])}]" if "gap" in row else "-"
         rat_s = (f"{row['ratio']:+.1f}% [{row['ratio_lo']:+.1f},{row['ratio_hi']:+.1f}] {row['ref_lower']:3.0%}"
                  if "ratio" in row else "-")
-        fac_s = f"{row['facts']}/{row['n_facts']} [{100 * lo:.0f},{100 * hi:.0f}%]"
+        fac_s = f"{row['facts']}/{row['n_facts']} [{100 * lo:.0f},{100 * hi:.0f}%]" if not fails else "- (stopped)"
         cost_s = f"{100 * row['cost_med']:.2f}% ({100 * row['cost_max']:.2f}%)" if ratios else "-"
         ppl_s = f"{row['ppl']:.3f}" if "ppl" in row else "-"
-        p(f"{m:<15} {ppl_s:>8} {gap_s:>22} {rat_s:>30} {fac_s:>22} {events:>6} {cost_s:>20} "
+        ev_s = f"{sc_events if sc_events is not None else '-'}/{events}"
+        p(f"{m:<15} {ppl_s:>8} {gap_s:>22} {rat_s:>30} {fac_s:>22} {ev_s:>9} {cost_s:>20} "
           f"{row['reproc_max'] if row['reproc_max'] is not None else '-':>6}")
         if fails:
             for fl_ in fails:
@@ -438,7 +439,7 @@ def summarize(a, runs, convs):
     p("# ppl: assistant tokens past the context; gap closed: (ppl_cs - ppl)/(ppl_cs - ppl_full), cs = "
       "--kv-merge-method context-shift; ppl vs evict-fold: evict-fold's perplexity relative to the method's, "
       "share of replicates where evict-fold is lower")
-    p("# events: compression events in the chat pass; cost/turn: kv_merge.ms / (((prompt_ms - kv_merge.ms)"
+    p("# events: compression events in the score / chat passes; cost/turn: kv_merge.ms / (((prompt_ms - kv_merge.ms)"
       " / prompt_n) x freed) over the chat turns that compressed, median (max); reproc: the most tokens a turn"
       " processed beyond its new ones")
     for m in runs:
