@@ -196,11 +196,12 @@ class Server(chat.Server):
 
 
 def server_args(a, method):
+    # one slot: the chat requests carry no id_slot, and with several slots the server may pick another one
     if method == "full":
-        return ["-c", "8192"]
+        return ["-np", "1", "-c", "8192"]
     if method == "stock":
-        return ["-c", str(a.ctx), "--context-shift"]
-    return ["-c", str(a.ctx), "--kv-merge", "--kv-merge-method", method, "--kv-merge-keep", str(a.keep)]
+        return ["-np", "1", "-c", str(a.ctx), "--context-shift"]
+    return ["-np", "1", "-c", str(a.ctx), "--kv-merge", "--kv-merge-method", method, "--kv-merge-keep", str(a.keep)]
 
 
 # ---------------------------------------------------------------- the passes
