@@ -29,6 +29,8 @@ pub enum kvm_status {
     KVM_STATUS_PANIC = 9,
     /// A plan was applied to views that differ from those it was made on.
     KVM_STATUS_MISMATCH = 10,
+    /// A CUDA call or kernel failed; after an error the CUDA context may be unusable.
+    KVM_STATUS_DEVICE = 11,
 }
 
 impl From<&Error> for kvm_status {
@@ -45,6 +47,7 @@ impl From<&Error> for kvm_status {
             Error::BadProfile(_) => KVM_STATUS_BAD_PROFILE,
             Error::Panic(_) => KVM_STATUS_PANIC,
             Error::Mismatch(_) => KVM_STATUS_MISMATCH,
+            Error::Device(_) => KVM_STATUS_DEVICE,
         }
     }
 }
@@ -63,6 +66,7 @@ pub(crate) fn status_str(code: i32) -> &'static std::ffi::CStr {
         8 => c"bad calibration profile",
         9 => c"internal error (panic caught)",
         10 => c"plan does not match these views",
+        11 => c"CUDA error",
         _ => c"unknown status code",
     }
 }

@@ -20,7 +20,7 @@
 //! always go to the older cell so the plan is a pure function of its inputs.
 
 use super::calib::Calib;
-use super::scores;
+use super::scores::{self, HostKeys, KeyStats};
 use super::{Exec, Method, Params, Pivot};
 use crate::error::{Error, Result};
 use crate::layout::{LayerGeom, LayerRows};
@@ -189,6 +189,24 @@ pub fn plan<L: LayerRows + Sync>(
     counts: Option<&[u32]>,
     n_free: usize,
 ) -> Result<Plan> {
+    let geoms: Vec<LayerGeom> = layers.iter().map(|l| *l.geom()).collect();
+    let stats = HostKeys { ex, layers };
+    plan_with(params, calib, &geoms, &stats, cells, attn, counts, n_free)
+}
+
+/// [`plan`] with the key statistics from `stats` (host rows or a device cache) for layers of
+/// the shapes `geoms`.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_with(
+    params: &Params,
+    calib: Option<&Calib>,
+    geoms: &[LayerGeom],
+    stats: &impl KeyStats,
+    cells: &[u32],
+    attn: Option<&[f32]>,
+    counts: Option<&[u32]>,
+    n_free: usize,
+) -> Result<Plan> {
     params.check()?;
     let n = cells.len();
     if let Some(a) = attn {
@@ -223,9 +241,9 @@ pub fn plan<L: LayerRows + Sync>(
         None => vec![1; n],
     };
     if let Some(c) = calib {
-        c.check_fits(layers.len())?;
+        c.check_fits(geoms.len())?;
     }
-    let geoms: Vec<LayerGeom> = layers.iter().map(|l| *l.geom()).collect();
+    let heads: Vec<usize> = geoms.iter().map(|g| g.n_head).collect();
     let prot = protect(params, n, attn);
     let n_free_max = match params.method {
         Method::ContextShift => n,
@@ -259,34 +277,44 @@ pub fn plan<L: LayerRows + Sync>(
             cam = cam_folds(params, &prot, &owner, attn);
         }
         Method::KvMerger => kvmerger(
-            ex, params, calib, layers, cells, attn, &counts_in, &prot, n_free, &mut owner,
-        ),
-        Method::EvictFold => evict_fold(ex, params, layers, cells, attn, &prot, n_free, &mut owner),
+            stats, &heads, params, calib, cells, attn, &counts_in, &prot, n_free, &mut owner,
+        )?,
+        Method::EvictFold => evict_fold(
+            stats, &heads, params, cells, attn, &prot, n_free, &mut owner,
+        )?,
     }
     let attn_in = attn.map_or_else(Vec::new, <[f32]>::to_vec);
-    let plan = finish(cells, counts_in, attn_in, &owner, cam, geoms, *params);
+    let plan = finish(
+        cells,
+        counts_in,
+        attn_in,
+        &owner,
+        cam,
+        geoms.to_vec(),
+        *params,
+    );
     debug_assert_eq!(plan.freed.len(), n_free);
     Ok(plan)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn kvmerger<L: LayerRows + Sync>(
-    ex: &Exec,
+fn kvmerger(
+    stats: &impl KeyStats,
+    heads: &[usize],
     p: &Params,
     calib: Option<&Calib>,
-    layers: &[L],
     cells: &[u32],
     attn: Option<&[f32]>,
     counts: &[u32],
     prot: &Protected,
     n_free: usize,
     owner: &mut [Option<usize>],
-) {
+) -> Result<()> {
     let n = cells.len();
     if n_free == 0 {
-        return;
+        return Ok(());
     }
-    let links = scores::links(ex, layers, cells, calib);
+    let links = scores::links_from(&stats.adjacent(cells)?, heads, calib);
     let n_links = n - 1;
     let age = |i: usize| {
         if n_links > 1 {
@@ -373,7 +401,7 @@ fn kvmerger<L: LayerRows + Sync>(
             .collect(),
         _ => {
             let ms: Vec<Vec<usize>> = merged.iter().map(|&s| sets[s].clone()).collect();
-            let d = scores::mean_key_distances(ex, layers, cells, &ms, counts);
+            let d = scores::mean_key_distances_from(&stats.mean_dist(cells, &ms, counts)?, &ms);
             ms.iter()
                 .zip(&d)
                 .map(|(m, d)| {
@@ -393,6 +421,7 @@ fn kvmerger<L: LayerRows + Sync>(
     for (&s, &pv) in merged.iter().zip(&pivots) {
         sets[s].iter().for_each(|&i| owner[i] = Some(pv));
     }
+    Ok(())
 }
 
 /// Attention decides who leaves; each leaving cell joins the set of the surviving neighbour
@@ -400,16 +429,16 @@ fn kvmerger<L: LayerRows + Sync>(
 /// summed similarity is largest, so sets stay runs. Sinks never absorb anything; a leaving
 /// cell with no survivor it may join is evicted.
 #[allow(clippy::too_many_arguments)]
-fn evict_fold<L: LayerRows + Sync>(
-    ex: &Exec,
+fn evict_fold(
+    stats: &impl KeyStats,
+    heads: &[usize],
     p: &Params,
-    layers: &[L],
     cells: &[u32],
     attn: Option<&[f32]>,
     prot: &Protected,
     n_free: usize,
     owner: &mut [Option<usize>],
-) {
+) -> Result<()> {
     let n = cells.len();
     let mut leaving = vec![false; n];
     for &i in eviction_order(prot, attn).iter().take(n_free) {
@@ -443,7 +472,7 @@ fn evict_fold<L: LayerRows + Sync>(
             }
         }
     }
-    let sims = scores::pair_sims(ex, layers, cells, &pairs);
+    let sims = scores::pair_sims_from(&stats.pair_cos(cells, &pairs)?, heads);
     let mut k = 0;
     for &(a, b, l, r) in &runs {
         let m = b - a + 1;
@@ -492,6 +521,7 @@ fn evict_fold<L: LayerRows + Sync>(
             };
         }
     }
+    Ok(())
 }
 
 /// CaM, deterministic reading: an evicted cell's value is shared among the next `cam_span`
