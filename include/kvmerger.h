@@ -430,7 +430,9 @@ kvm_status kvm_cuda_attn_from_queries_layers(const struct kvm_ctx *ctx,
 // pivots come from kernels; the plan is made on the host by the same code and is an ordinary
 // `kvm_plan` (`kvm_plan_get`, `kvm_plan_free`). `cells`, `attn` and `counts` are host arrays.
 // The layers' K and V must be memory of one CUDA device (KVM_STATUS_INVALID_ARG otherwise);
-// kernel or runtime failures give KVM_STATUS_DEVICE, `*out` untouched.
+// kernel or runtime failures give KVM_STATUS_DEVICE, `*out` untouched. The ctx keeps the
+// device scratch of all three `kvm_cuda_*` calls (grown to the largest event, freed by
+// `kvm_ctx_free`); calls on one ctx from several threads take turns on it.
 kvm_status kvm_cuda_plan_init(const struct kvm_ctx *ctx,
                               const struct kvm_layer_view *layers,
                               size_t n_layers,
