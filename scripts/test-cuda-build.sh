@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA build check of scripts/test.sh, for machines without a GPU (CI): `--features cuda`
 # compiles the kernels for sm_80 and sm_90 and links (nvcc and the static cudart from PyPI),
-# passes clippy, runs the ABI tests (the device tests skip without a device), and both
+# passes clippy, runs the ABI tests (the device tests skip without a device), links and runs
+# tests/c/smoke.c against it (the CUDA runtime from the program's link line), and both
 # staticlibs define exactly the functions the committed header declares, which the feature
 # does not change. Env: KVM_CUDA_ARCHS (default 80,90).
 set -euo pipefail
@@ -13,8 +14,15 @@ cargo clippy --features cuda --all-targets --quiet -- -D warnings
 cargo test --features cuda --quiet --test ffi --test cuda
 cargo build --features cuda --lib --quiet
 cuda_lib="$(mktemp)"
-trap 'rm -f "$cuda_lib"' EXIT
 cp target/debug/libkvmerger.a "$cuda_lib"
+# a C program links the feature's staticlib the way llama.cpp will: the CUDA runtime and the
+# C++ library come from the program's link line (here the static cudart of the toolkit)
+smoke="$(mktemp)"
+trap 'rm -f "$cuda_lib" "$smoke"' EXIT
+cc -std=c11 -Wall -Werror -I include tests/c/smoke.c "$cuda_lib" -L "$root/lib" -lcudart_static -lstdc++ \
+    -lpthread -ldl -lrt -lm -o "$smoke"
+out="$(cd "$(dirname "$smoke")" && "$smoke")" && [[ "$out" == *"smoke: ok"* && "$out" == *"cuda 1"* ]] \
+    || { echo "tests/c/smoke.c against the cuda staticlib failed: $out" >&2; exit 1; }
 cargo build --lib --quiet
 # exported kvm_* functions of a staticlib (the Rust ones; the kernels' kvm_cuda_<op> helpers
 # are C++ objects of libkvmerger_cuda, listed apart)
