@@ -1,16 +1,18 @@
-//! Merge-pass throughput against memcpy over the same bytes, measured in one run.
+//! Merge-pass speed against memory's speed, measured in one run.
 //!
 //! Shapes: a 7B-like cache (32 layers, 32 KV heads × 128, f16, 4096 cells) and a SmolLM2-like
 //! one (30 layers, 3 KV heads × 64, f16, 4096 cells); each event frees half the window.
-//! For each it prints the bytes a pass must touch (plan: every K row of the window; apply: K
-//! and V of every merged member read, each merged survivor's K and V written), the time of
-//! plan and apply, their GB/s, and memcpy's GB/s over the same number of bytes, then the
-//! ratio. Then, per method, a whole pass on the same cache, and one event of the shape the
-//! evaluation makes (128 of 1020 cells) split into plan and apply, for H2O and EVICT_FOLD; and
-//! the attention scoring of an event. criterion then times plan and apply on their own.
+//! For the default (EVICT_FOLD) and KVMerger it counts a pass's traffic the way memcpy's is
+//! counted, every byte read plus every byte written (plan: the K rows it reads; apply: K and V
+//! of every merged member read, each merged survivor's K and V written), and times plan, apply
+//! and a memcpy of the same traffic on as many threads as the pass, in turn, several times;
+//! it prints each one's speed over memcpy's in the same turn (median, least, greatest). Then
+//! H2O's whole pass beside theirs, one event of the shape the evaluation makes (128 of 1020
+//! cells) split into plan and apply, for H2O and EVICT_FOLD, and the attention scoring of an
+//! event. criterion then times KVMerger's plan and apply on their own.
 //!
-//! `KVM_BENCH_THREADS` (default 2) sets the ctx's pool; `KVM_BENCH_QUICK=1` runs only the
-//! SmolLM2 shape.
+//! `KVM_BENCH_THREADS` (default 2) sets the ctx's pool and memcpy's threads;
+//! `KVM_BENCH_QUICK=1` runs only the SmolLM2 shape; `KVM_BENCH_RATIO=1` only the speed lines.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -110,20 +112,10 @@ impl Cache {
     }
 }
 
-// KVMerger, not the default EVICT_FOLD, for the throughput line and criterion: its plan reads
-// every K row of the window, the widest pass the library makes, and the benchmark numbers in
-// docs/findings.md were taken with it. The per-method line times the default beside it.
-fn ctx() -> *mut kvm_ctx {
-    ctx_of(kvm_method::KVM_METHOD_KVMERGER)
-}
-
 fn ctx_of(method: kvm_method) -> *mut kvm_ctx {
     let mut p = kvm_params_default();
     p.method = method as i32;
-    p.n_threads = std::env::var("KVM_BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(2);
+    p.n_threads = threads() as u32;
     let mut c = std::ptr::null_mut();
     // SAFETY: valid pointers.
     let st = unsafe { kvm_ctx_init(&p, &mut c) };
@@ -212,84 +204,225 @@ fn min_time(reps: usize, mut f: impl FnMut()) -> Duration {
         .unwrap()
 }
 
-fn report(s: &'static Shape, c: &mut Criterion) {
-    let mut cache = Cache::new(s);
-    let views = cache.views();
-    let ctx = ctx();
-    let cells: Vec<u32> = (0..s.n_cells as u32).collect();
-    let n_free = (s.n_cells / 2) as u32;
-    let row_bytes = s.n_head * s.d * 2;
+/// Bytes one pass moves, counted as memcpy's are counted: every byte read plus every byte
+/// written.
+struct Traffic {
+    /// K rows the plan reads: every window cell's for KVMerger; for EVICT_FOLD each leaving
+    /// cell's and the surviving neighbours' of its run (the cells its similarities need).
+    plan: usize,
+    /// K and V rows of every member of a merged set read, and the survivor's written.
+    apply: usize,
+    merged_sets: usize,
+    merged_members: usize,
+}
 
-    let pl = plan(ctx, &views, &cells, n_free);
-    let mut info = std::mem::MaybeUninit::<kvm_plan_info>::uninit();
-    // SAFETY: plan from kvm_plan_init.
-    unsafe { kvm_plan_get(pl, info.as_mut_ptr()) };
-    // SAFETY: written on OK.
-    let info = unsafe { info.assume_init() };
-    // SAFETY: array of n_cells owned by the plan.
-    let set_of = unsafe { std::slice::from_raw_parts(info.set_of, info.n_cells) };
-    let mut members = vec![0usize; info.n_sets];
+fn traffic(
+    s: &Shape,
+    method: kvm_method,
+    set_of: &[u32],
+    survivor: &[u32],
+    n_sink: usize,
+) -> Traffic {
+    let row = s.n_head * s.d * 2;
+    let n = set_of.len();
+    let mut members = vec![0usize; survivor.len()];
     set_of
         .iter()
         .filter(|&&x| x != KVM_EVICTED)
         .for_each(|&x| members[x as usize] += 1);
     let merged_members: usize = members.iter().filter(|&&m| m > 1).sum();
     let merged_sets = members.iter().filter(|&&m| m > 1).count();
-    let plan_bytes = s.n_layers * s.n_cells * row_bytes;
-    let apply_bytes = s.n_layers * (2 * merged_members + 2 * merged_sets) * row_bytes;
-    let total = plan_bytes + apply_bytes;
-
-    let reps = if s.n_head > 8 { 3 } else { 10 };
-    let (t_plan, t_apply) = pass_times(ctx, &views, &cells, n_free, reps);
-    let src = vec![1u8; total];
-    let mut dst = vec![0u8; total];
-    let t_copy = min_time(reps, || {
-        dst.copy_from_slice(black_box(&src));
-        black_box(&mut dst);
-    });
-    let gbs = |b: usize, t: Duration| b as f64 / t.as_secs_f64() / 1e9;
-    let t_pass = t_plan + t_apply;
-    println!(
-        "{}: threads {} | bytes touched {:.1} MiB (plan {:.1}, apply {:.1}; {} sets merge {} cells) | plan {:.1} ms, apply {:.1} ms, pass {:.1} ms = {:.2} GB/s | memcpy same bytes {:.1} ms = {:.2} GB/s | ratio pass/memcpy {:.2} | kernels {}",
-        s.name,
-        std::env::var("KVM_BENCH_THREADS").unwrap_or_else(|_| "2".into()),
-        total as f64 / 1048576.0,
-        plan_bytes as f64 / 1048576.0,
-        apply_bytes as f64 / 1048576.0,
+    let plan_rows = match method {
+        kvm_method::KVM_METHOD_KVMERGER => n,
+        kvm_method::KVM_METHOD_EVICT_FOLD => {
+            let leaving: Vec<bool> = (0..n)
+                .map(|i| set_of[i] == KVM_EVICTED || survivor[set_of[i] as usize] as usize != i)
+                .collect();
+            // A leaving cell, and a survivor (not a sink) beside one.
+            let read = |i: usize| {
+                leaving[i]
+                    || (i >= n_sink && ((i > 0 && leaving[i - 1]) || (i + 1 < n && leaving[i + 1])))
+            };
+            (0..n).filter(|&i| read(i)).count()
+        }
+        _ => 0,
+    };
+    Traffic {
+        plan: s.n_layers * plan_rows * row,
+        apply: s.n_layers * (merged_members + merged_sets) * 2 * row,
         merged_sets,
         merged_members,
-        t_plan.as_secs_f64() * 1e3,
-        t_apply.as_secs_f64() * 1e3,
-        t_pass.as_secs_f64() * 1e3,
-        gbs(total, t_pass),
-        t_copy.as_secs_f64() * 1e3,
-        gbs(total, t_copy),
-        gbs(total, t_pass) / gbs(total, t_copy),
+    }
+}
+
+fn threads() -> usize {
+    std::env::var("KVM_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2)
+}
+
+/// memcpy on `threads()` threads, each copying its share of `src` into `dst`: the memory
+/// speed the pass, which runs on as many threads, is compared with.
+fn copy_threads(dst: &mut [u8], src: &[u8]) {
+    let per = src.len().div_ceil(threads());
+    std::thread::scope(|sc| {
+        for (d, s) in dst.chunks_mut(per).zip(src.chunks(per)) {
+            sc.spawn(move || d.copy_from_slice(black_box(s)));
+        }
+    });
+    black_box(dst);
+}
+
+/// Median, least and greatest.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// The pass of `method` on the bench's cache against memcpy of the same traffic on as many
+/// threads: plan, apply and memcpy timed in turn `reps` times (after one run left out), and
+/// each of plan, apply and the whole pass given as its speed over memcpy's in the same turn.
+/// Returns the median plan and apply times in ms, and the traffic.
+#[allow(clippy::too_many_arguments)]
+fn throughput(
+    s: &'static Shape,
+    method: kvm_method,
+    views: &[kvm_layer_view],
+    cells: &[u32],
+    n_free: u32,
+    reps: usize,
+    src: &[u8],
+    dst: &mut [u8],
+) -> (f64, f64, Traffic) {
+    let ctx = ctx_of(method);
+    let pl = plan(ctx, views, cells, n_free);
+    let mut info = std::mem::MaybeUninit::<kvm_plan_info>::uninit();
+    // SAFETY: plan from kvm_plan_init.
+    unsafe { kvm_plan_get(pl, info.as_mut_ptr()) };
+    // SAFETY: written on OK.
+    let info = unsafe { info.assume_init() };
+    // SAFETY: arrays owned by the plan with the lengths the info gives.
+    let (set_of, survivor) = unsafe {
+        (
+            std::slice::from_raw_parts(info.set_of, info.n_cells),
+            std::slice::from_raw_parts(info.survivor, info.n_sets),
+        )
+    };
+    let t = traffic(
+        s,
+        method,
+        set_of,
+        survivor,
+        kvm_params_default().n_sink as usize,
+    );
+    let total = t.plan + t.apply;
+    // memcpy reads and writes each byte: half the pass's traffic copied is the same traffic.
+    let copy = (total / 2).min(src.len());
+    let secs = |f: &mut dyn FnMut()| {
+        let t0 = Instant::now();
+        f();
+        t0.elapsed().as_secs_f64()
+    };
+    let (mut rp, mut ra, mut rs, mut tp, mut ta, mut bw) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for rep in 0..=reps {
+        let t_plan = secs(&mut || {
+            let p = plan(ctx, views, cells, n_free);
+            // SAFETY: from kvm_plan_init.
+            unsafe { kvm_plan_free(black_box(p)) };
+        });
+        let t_apply = secs(&mut || {
+            // SAFETY: the views the plan was made on; re-merging merged rows costs the same.
+            let st = unsafe { kvm_plan_apply(ctx, pl, views.as_ptr(), views.len()) };
+            assert_eq!(st, kvm_status::KVM_STATUS_OK);
+        });
+        let t_copy = secs(&mut || copy_threads(&mut dst[..copy], &src[..copy]));
+        if rep == 0 {
+            continue;
+        }
+        let mem = 2.0 * copy as f64 / t_copy;
+        rp.push(t.plan as f64 / t_plan / mem);
+        ra.push(t.apply as f64 / t_apply / mem);
+        rs.push(total as f64 / (t_plan + t_apply) / mem);
+        tp.push(t_plan * 1e3);
+        ta.push(t_apply * 1e3);
+        bw.push(mem / 1e9);
+    }
+    // SAFETY: handles from their inits.
+    unsafe {
+        kvm_plan_free(pl);
+        kvm_ctx_free(ctx);
+    }
+    let name = match method {
+        kvm_method::KVM_METHOD_EVICT_FOLD => "evict_fold (default)",
+        _ => "kvmerger",
+    };
+    let f = |v: Vec<f64>, p: usize| {
+        let (m, lo, hi) = spread(v);
+        format!("{m:.p$} [{lo:.p$}, {hi:.p$}]")
+    };
+    let (mp, ma) = (spread(tp.clone()).0, spread(ta.clone()).0);
+    println!(
+        "{}: {name}, threads {} | traffic (read + write) plan {:.1} MiB, apply {:.1} MiB ({} sets merge {} cells) | plan {} ms, apply {} ms | memcpy, same traffic and threads, {} GB/s | speed / memcpy's: plan {}, apply {}, pass {} (median [min, max] of {reps}) | kernels {}",
+        s.name,
+        threads(),
+        t.plan as f64 / 1048576.0,
+        t.apply as f64 / 1048576.0,
+        t.merged_sets,
+        t.merged_members,
+        f(tp, 1),
+        f(ta, 1),
+        f(bw, 1),
+        f(rp, 2),
+        f(ra, 2),
+        f(rs, 2),
         kvmerger::simd::kernels().name,
     );
+    (mp, ma, t)
+}
+
+fn report(s: &'static Shape, c: &mut Criterion) {
+    let mut cache = Cache::new(s);
+    let views = cache.views();
+    let cells: Vec<u32> = (0..s.n_cells as u32).collect();
+    let n_free = (s.n_cells / 2) as u32;
+
+    let reps = if s.n_head > 8 { 5 } else { 11 };
+    // Large enough for either method's traffic: every K and V row read and half written.
+    let cap = s.n_layers * s.n_cells * s.n_head * s.d * 2 * 3 / 2;
+    let src = vec![1u8; cap];
+    let mut dst = vec![0u8; cap];
+    let mut per_method = Vec::new();
+    let mut kvm_traffic = None;
+    for m in [
+        kvm_method::KVM_METHOD_EVICT_FOLD,
+        kvm_method::KVM_METHOD_KVMERGER,
+    ] {
+        let (tp, ta, t) = throughput(s, m, &views, &cells, n_free, reps, &src, &mut dst);
+        per_method.push(tp + ta);
+        kvm_traffic = Some(t);
+    }
+    let kvm_traffic = kvm_traffic.expect("KVMerger ran");
+    drop((src, dst));
+    if std::env::var("KVM_BENCH_RATIO").is_ok_and(|v| v == "1") {
+        return;
+    }
 
     // What each method's pass costs on the same cache and budget, and the default (EVICT_FOLD)
     // relative to H2O, whose choice of who leaves it shares: the ratio is what folding adds.
-    // KVMerger's pass is the one timed above.
-    let mut per_method = Vec::new();
-    for m in [
-        kvm_method::KVM_METHOD_H2O,
-        kvm_method::KVM_METHOD_EVICT_FOLD,
-    ] {
-        let (tp, ta) = method_pass_times(m, &views, &cells, n_free, reps);
-        per_method.push((tp + ta).as_secs_f64() * 1e3);
-    }
-    per_method.push(t_pass.as_secs_f64() * 1e3);
+    let (tp, ta) = method_pass_times(kvm_method::KVM_METHOD_H2O, &views, &cells, n_free, reps);
+    let h2o = (tp + ta).as_secs_f64() * 1e3;
     println!(
-        "{}: plan + apply, {} of {} cells freed: h2o {:.2} ms, evict_fold (default) {:.2} ms, kvmerger {:.2} ms | ratio evict_fold/h2o {:.2}, evict_fold/kvmerger {:.2}",
+        "{}: plan + apply (medians above), {} of {} cells freed: h2o {:.2} ms, evict_fold (default) {:.2} ms, kvmerger {:.2} ms | ratio evict_fold/h2o {:.2}, evict_fold/kvmerger {:.2}",
         s.name,
         n_free,
         cells.len(),
+        h2o,
         per_method[0],
         per_method[1],
-        per_method[2],
-        per_method[1] / per_method[0],
-        per_method[1] / per_method[2],
+        per_method[0] / h2o,
+        per_method[0] / per_method[1],
     );
 
     // One event as the evaluation makes it: a 1020-cell window of a 1024-cell cache (the 50 %
@@ -313,6 +446,11 @@ fn report(s: &'static Shape, c: &mut Criterion) {
         line[1].1,
         (line[1].0 + line[1].1) / (line[0].0 + line[0].1),
     );
+
+    // KVMerger from here on: its plan reads every K row of the window, the widest pass the
+    // library makes, and the earlier criterion numbers were taken with it.
+    let ctx = ctx_of(kvm_method::KVM_METHOD_KVMERGER);
+    let pl = plan(ctx, &views, &cells, n_free);
 
     // Attention for pivots as the llama.cpp patch computes it: the recent queries of its ring
     // (4 by default, LLAMA_KV_MERGE_QWIN) per layer, GQA 3:1, scored against the window at
@@ -388,7 +526,7 @@ fn report(s: &'static Shape, c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(if s.n_head > 8 { 10 } else { 3 }));
-    g.throughput(Throughput::Bytes(plan_bytes as u64));
+    g.throughput(Throughput::Bytes(kvm_traffic.plan as u64));
     g.bench_function("plan", |b| {
         b.iter(|| {
             let p = plan(ctx, &views, &cells, n_free);
@@ -396,7 +534,7 @@ fn report(s: &'static Shape, c: &mut Criterion) {
             unsafe { kvm_plan_free(p) };
         })
     });
-    g.throughput(Throughput::Bytes(apply_bytes as u64));
+    g.throughput(Throughput::Bytes(kvm_traffic.apply as u64));
     g.bench_function("apply", |b| {
         // SAFETY: as above.
         b.iter(|| unsafe { kvm_plan_apply(ctx, pl, views.as_ptr(), views.len()) })

@@ -295,7 +295,24 @@ static void usage() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// methods: rows of {name, llama_kv_merge_params}
+// methods: a table of rows {name, group, description, parameters}
+//
+// A row's parameters are words applied in order to a whole kvm_params, which the patch takes as
+// is (llama_kv_merge_params.kvm_params): "key=value" for a kvm_params field or a harness knob, or
+// "@preset" for the words of a preset. Every row starts from KVMerger, our reading, with the
+// library's defaults (KVMerger was the default before EVICT_FOLD), so that the ablations, which
+// only change what they ablate, keep the bits of the committed results. Where each row comes
+// from: docs/findings.md.
+//
+//   method       kvmerger | context-shift | streaming-llm | h2o | cam | evict-fold
+//   pivot        attention | query-free (query-free: the patch scores no queries)
+//   sigma_mode   adaptive | fixed | attention | relative | layer
+//   value        none | paper | logbias
+//   n_sink n_recent heavy_frac sim_floor merge_keys merge_values sigma age_bias max_set
+//   max_count cam_span                       the kvm_params fields of those names
+//   recent_frac  > 0: n_recent = round(recent_frac * capacity) (a window that scales with the budget)
+//   calib        1: link scores through the calibration profile (--calib or --calib-text)
+//   full, shift  1: the full cache (upper bound), llama.cpp's context shift (lower bound)
 
 struct Method {
     std::string name;
@@ -303,261 +320,286 @@ struct Method {
     std::string desc;
     bool is_full  = false;    // the full cache (upper bound)
     bool is_shift = false;    // host-side context shift (llama_memory_seq_rm + seq_add)
-    llama_kv_merge_params p;
-    std::string missing;      // non-empty: needs fields llama_kv_merge_params lacks; not run
-    float recent_frac = 0;    // > 0: n_recent = round(recent_frac * capacity) (a window that scales with the budget)
-    // knobs llama_kv_merge_params lacks (sigma, token cap, CaM span): set on a whole kvm_params
-    // built from p, handed to the patch through llama_kv_merge_params.kvm_params
-    std::function<void(kvm_params &)> kvm_set;
+    kvm_params kp;            // what the method runs with, whole
+    std::string missing;      // non-empty: needs what the patch lacks; not run
+    float recent_frac = 0;    // > 0: n_recent = round(recent_frac * capacity)
     bool calib = false;       // link scores through the calibration profile (--calib or --calib-text)
 };
 
+struct MethodRow {
+    const char * name;
+    const char * group;
+    const char * desc;
+    const char * params;
+};
+
+// presets: a change to one moves every row that starts from it
+static const MethodRow k_presets[] = {
+    // the age pairs: sets of at most 2 and an age bias from a PPL-only sweep of age_bias x max_set,
+    // floors, heavy hitters, attention weights and EVICT_FOLD (findings: explore-c8); query-free,
+    // because query scoring gave the same perplexity at 1.5x the cost (best-queryfree); age_bias
+    // 100 over 1 and 10 (explore-age)
+    { "best", "", "", "method=kvmerger pivot=query-free age_bias=100 max_set=2" },
+    // the previous best (age_bias 1), base of the cap, recent-window and attention ablations
+    { "age1", "", "", "method=kvmerger pivot=query-free age_bias=1 max_set=2" },
+};
+
+static const MethodRow k_methods[] = {
+    { "full", "main", "the whole window in the cache (upper bound)",
+      "full=1" },
+    { "shift", "main", "llama.cpp context shift: keep n_keep, drop the oldest half",
+      "shift=1" },
+    { "streaming_llm", "main", "StreamingLLM: sinks + newest, drop the middle",
+      "method=streaming-llm" },
+    { "h2o", "main", "H2O: sinks + recent 32 + heavy hitters by attention",
+      "method=h2o" },
+    { "cam", "main", "CaM: H2O eviction, evicted values folded into following kept cells",
+      "method=cam" },
+    { "kvmerger_paper", "main", "KVMerger as published (our reading): sim floor 0.75, values x set size, attention pivots",
+      "sim_floor=0.75 value=paper" },
+    { "kvmerger", "main", "KVMerger, our reading: exact budget by link score, convex weights, no floor",
+      "" },
+    { "best", "main", "the age-pairs configuration (our best merging before EVICT_FOLD was measured in full): kvmerger, age-dominated link scores (age_bias 100: the oldest pairs merge, similarity picks among neighbours), sets of at most 2, query-free pivots, no heavy hitters",
+      "@best" },
+    // our best merging configuration on both models (findings: evict-fold): H2O's choice of who
+    // leaves plus the folding; the same parameters as abl_evict_fold, so the two give the same bits
+    { "evict_fold", "main", "our best merging configuration: EVICT_FOLD, H2O decides who leaves (sinks, recent 32, attention), each leaving cell folded into its more similar surviving neighbour (Gaussian-kernel weights)",
+      "method=evict-fold" },
+    { "abl_best_keepkey", "ablation", "best, keys not averaged (the pivot's key), values averaged",
+      "@best merge_keys=0" },
+    { "abl_best_thin", "ablation", "best's pairs, only the pivot kept (no averaging): eviction at the same positions",
+      "@best merge_keys=0 merge_values=0" },
+    { "abl_best_logbias", "ablation", "best, ln(count) in the KQ mask",
+      "@best value=logbias" },
+    // best's kernel gives a pair's other member exp(-4) = 0.018 of the pivot's weight whatever
+    // their distance, so best is near thinning; these average for real (sigma far above any
+    // key distance: w ~ count)
+    { "abl_best_mean", "ablation", "best's pairs, count-weighted mean of keys, count-weighted mean of values (sigma 1e4)",
+      "@best sigma_mode=fixed sigma=10000" },
+    { "abl_best_mean_lb", "ablation", "best's pairs, count-weighted mean of keys, count-weighted mean of values (sigma 1e4), ln(count) in the KQ mask",
+      "@best value=logbias sigma_mode=fixed sigma=10000" },
+    { "abl_best_mean_kk", "ablation", "best's pairs, the pivot's key, count-weighted mean of values (sigma 1e4)",
+      "@best merge_keys=0 sigma_mode=fixed sigma=10000" },
+    { "abl_best_mean_kk_lb", "ablation", "best's pairs, the pivot's key, count-weighted mean of values (sigma 1e4), ln(count) in the KQ mask",
+      "@best value=logbias merge_keys=0 sigma_mode=fixed sigma=10000" },
+    { "abl_best_thin_lb", "ablation", "best's pairs, only the pivot kept, ln(count) in the KQ mask (the pivot speaks for the tokens dropped beside it)",
+      "@best value=logbias merge_keys=0 merge_values=0" },
+    { "abl_best_attn100", "ablation", "best with attention from the query ring: pivots by attention, 5% heavy hitters",
+      "@best pivot=attention" },
+    { "abl_best_age1", "ablation", "the previous best: best with age_bias 1 (similarity and age weigh alike)",
+      "@age1" },
+    { "abl_prev_best", "ablation", "the previous best: kvmerger, heavy 20%, floor 0.90, logbias, recent = capacity/8",
+      "heavy_frac=0.2 sim_floor=0.9 value=logbias recent_frac=0.125" },
+    { "abl_pivot_queryfree", "ablation", "kvmerger, pivots query-free (member nearest the mean key)",
+      "pivot=query-free" },
+    { "abl_sigma_fixed5", "ablation", "kvmerger, fixed sigma = 5 (kvmerger itself is sigma adaptive)",
+      "sigma_mode=fixed sigma=5" },
+    { "abl_value_paper", "ablation", "kvmerger, values x set size",
+      "value=paper" },
+    { "abl_value_logbias", "ablation", "kvmerger, ln(count) in the KQ mask",
+      "value=logbias" },
+    { "abl_floor_075", "ablation", "kvmerger, similarity floor 0.75 (shortfall evicted)",
+      "sim_floor=0.75" },
+    { "abl_floor_090", "ablation", "kvmerger, similarity floor 0.90",
+      "sim_floor=0.9" },
+    { "abl_keep_pivot_key", "ablation", "kvmerger, keys not averaged (pivot's key), values averaged",
+      "merge_keys=0" },
+    { "abl_pivot_only", "ablation", "kvmerger sets, keep only the pivot (no averaging)",
+      "merge_keys=0 merge_values=0" },
+    { "abl_calib", "ablation", "kvmerger, link scores through a calibration profile (per-layer standardized cosine)",
+      "calib=1" },
+    { "abl_best_calib", "ablation", "abl_best_attn, link scores through a calibration profile",
+      "@age1 pivot=attention calib=1" },
+    { "abl_best_attn", "ablation", "abl_best_age1 with attention from the query ring: pivots by attention, 5% heavy hitters",
+      "@age1 pivot=attention" },
+    { "abl_age_bias", "ablation", "kvmerger, age-aware link scores (age_bias 0.2)",
+      "age_bias=0.2" },
+    { "abl_max_set4", "ablation", "kvmerger, merging sets of at most 4 cells",
+      "max_set=4" },
+    { "abl_evict_fold", "ablation", "EVICT_FOLD: H2O decides who leaves, fold into the more similar neighbour (recent 32)",
+      "method=evict-fold" },
+    { "abl_evict_fold_floor", "ablation", "EVICT_FOLD, fold only above cosine 0.75",
+      "method=evict-fold sim_floor=0.75" },
+    { "abl_ef_floor_90", "ablation", "EVICT_FOLD, fold only above cosine 0.9 (evict the rest)",
+      "method=evict-fold sim_floor=0.9" },
+    { "abl_evict_fold_keepkey", "ablation", "EVICT_FOLD, recent 256, keys not averaged",
+      "method=evict-fold n_recent=256 merge_keys=0" },
+    { "abl_heavy_0", "ablation", "kvmerger, no heavy hitters protected",
+      "heavy_frac=0" },
+    { "abl_heavy_20", "ablation", "kvmerger, 20% heavy hitters protected",
+      "heavy_frac=0.2" },
+    { "abl_recent_128", "ablation", "kvmerger, recent window 128",
+      "n_recent=128" },
+    { "abl_recent_256", "ablation", "kvmerger, recent window 256",
+      "n_recent=256" },
+    { "abl_recent_512", "ablation", "kvmerger, recent window 512",
+      "n_recent=512" },
+    { "abl_h2o_recent_256", "ablation", "H2O, recent window 256",
+      "method=h2o n_recent=256" },
+    { "abl_cam_recent_256", "ablation", "CaM, recent window 256",
+      "method=cam n_recent=256" },
+    { "abl_combo_ef", "ablation", "EVICT_FOLD, recent 256, heavy 20%",
+      "method=evict-fold n_recent=256 heavy_frac=0.2" },
+    { "abl_combo_kvm", "ablation", "kvmerger, recent 256, heavy 20%, floor 0.90",
+      "n_recent=256 heavy_frac=0.2 sim_floor=0.9" },
+    { "abl_combo_kvm_lb", "ablation", "kvmerger, recent 256, heavy 20%, floor 0.90, logbias",
+      "n_recent=256 heavy_frac=0.2 sim_floor=0.9 value=logbias" },
+    { "abl_combo_ef_lb", "ablation", "EVICT_FOLD, recent 256, heavy 20%, logbias",
+      "method=evict-fold n_recent=256 heavy_frac=0.2 value=logbias" },
+    { "abl_sigma_attn", "ablation", "kvmerger, members weighted by accumulated attention (no Gaussian kernel)",
+      "sigma_mode=attention" },
+    { "abl_ef_attnw", "ablation", "EVICT_FOLD, members weighted by accumulated attention",
+      "method=evict-fold sigma_mode=attention" },
+    // what EVICT_FOLD's folding adds at H2O's positions (its pivot is the survivor, so pivot-only
+    // is H2O bit for bit), and the fold's strength swept by relative and per-layer sigma
+    { "abl_ef_pivot_only", "ablation", "EVICT_FOLD sets, keep only the pivot (no averaging): eviction at H2O's positions",
+      "method=evict-fold merge_keys=0 merge_values=0" },
+    { "abl_ef_keepkey", "ablation", "EVICT_FOLD, keys not averaged (the pivot's key), values averaged",
+      "method=evict-fold merge_keys=0" },
+    { "abl_ef_mean", "ablation", "EVICT_FOLD sets, count-weighted mean of keys and values (sigma 1e4)",
+      "method=evict-fold sigma_mode=fixed sigma=10000" },
+    { "abl_ef_rel055", "ablation", "EVICT_FOLD, sigma = 0.55 x mean key distance (pair weight 0.00134)",
+      "method=evict-fold sigma_mode=relative sigma=0.55" },
+    { "abl_ef_rel085", "ablation", "EVICT_FOLD, sigma = 0.85 x mean key distance (pair weight 0.0628)",
+      "method=evict-fold sigma_mode=relative sigma=0.85" },
+    { "abl_ef_rel100", "ablation", "EVICT_FOLD, sigma = 1.00 x mean key distance (pair weight 0.135)",
+      "method=evict-fold sigma_mode=relative sigma=1" },
+    { "abl_ef_rel130", "ablation", "EVICT_FOLD, sigma = 1.30 x mean key distance (pair weight 0.306)",
+      "method=evict-fold sigma_mode=relative sigma=1.3" },
+    { "abl_ef_layer025", "ablation", "EVICT_FOLD, sigma = 0.25 x the event's rms member-to-pivot distance per layer and head (average member 0.000335)",
+      "method=evict-fold sigma_mode=layer sigma=0.25" },
+    { "abl_ef_layer035", "ablation", "EVICT_FOLD, sigma = 0.35 x the event's rms member-to-pivot distance per layer and head (average member 0.0169)",
+      "method=evict-fold sigma_mode=layer sigma=0.35" },
+    { "abl_ef_layer050", "ablation", "EVICT_FOLD, sigma = 0.50 x the event's rms member-to-pivot distance per layer and head (average member 0.135)",
+      "method=evict-fold sigma_mode=layer sigma=0.5" },
+    { "abl_ef_logbias", "ablation", "EVICT_FOLD, ln(count) in the KQ mask",
+      "method=evict-fold value=logbias" },
+    { "abl_h2o_rc", "ablation", "H2O, recent = capacity/8",
+      "method=h2o recent_frac=0.125" },
+    { "abl_ef_attnw_rc", "ablation", "EVICT_FOLD, attention weights, recent = capacity/8",
+      "method=evict-fold sigma_mode=attention recent_frac=0.125" },
+    { "abl_prev_best_age1", "ablation", "the previous best + age_bias 1.0",
+      "heavy_frac=0.2 sim_floor=0.9 value=logbias age_bias=1 recent_frac=0.125" },
+    { "abl_prev_best_attnw_age1", "ablation", "the previous best, attention weights instead of the kernel and logbias, age_bias 1.0",
+      "heavy_frac=0.2 sim_floor=0.9 sigma_mode=attention age_bias=1 recent_frac=0.125" },
+    { "abl_age0.5", "ablation", "kvmerger, age_bias 0.5",
+      "age_bias=0.5" },
+    { "abl_age0.5_set2", "ablation", "kvmerger, age_bias 0.5, sets of at most 2",
+      "age_bias=0.5 max_set=2" },
+    { "abl_age1", "ablation", "kvmerger, age_bias 1",
+      "age_bias=1" },
+    { "abl_age1_set2", "ablation", "kvmerger, age_bias 1, sets of at most 2",
+      "age_bias=1 max_set=2" },
+    { "abl_age3", "ablation", "kvmerger, age_bias 3",
+      "age_bias=3" },
+    { "abl_age3_set2", "ablation", "kvmerger, age_bias 3, sets of at most 2",
+      "age_bias=3 max_set=2" },
+    { "abl_age1_logbias", "ablation", "kvmerger, age_bias 1, logbias",
+      "value=logbias age_bias=1" },
+    { "abl_cap2", "ablation", "abl_best_age1, cells stand for at most 2 tokens (then oldest evicted)",
+      "@age1 max_count=2" },
+    { "abl_cap3", "ablation", "abl_best_age1, cells stand for at most 3 tokens (then oldest evicted)",
+      "@age1 max_count=3" },
+    { "abl_cap4", "ablation", "abl_best_age1, cells stand for at most 4 tokens (then oldest evicted)",
+      "@age1 max_count=4" },
+    { "abl_cap2_logbias", "ablation", "abl_best_age1, at most 2 tokens per cell, logbias",
+      "@age1 value=logbias max_count=2" },
+    { "abl_cap2_attn", "ablation", "abl_best_attn (least attended evicted), at most 2 tokens per cell",
+      "@age1 pivot=attention max_count=2" },
+    { "abl_best_rc4", "ablation", "abl_best_age1, recent = capacity/4",
+      "@age1 recent_frac=0.25" },
+    { "abl_best_rc2", "ablation", "abl_best_age1, recent = capacity/2",
+      "@age1 recent_frac=0.5" },
+    { "abl_age10_set2", "ablation", "kvmerger query-free, age_bias 10, sets of at most 2",
+      "pivot=query-free age_bias=10 max_set=2" },
+    { "abl_age100", "ablation", "kvmerger query-free, age_bias 100",
+      "pivot=query-free age_bias=100" },
+    { "abl_cap2_age0", "ablation", "kvmerger query-free, no age bias, at most 2 tokens per cell",
+      "@age1 age_bias=0 max_count=2" },
+
+};
+
+static bool set_method_word(Method & m, const std::string & word, int depth = 0) {
+    if (word.size() > 1 && word[0] == '@' && depth == 0) {
+        for (const auto & pr : k_presets) {
+            if (word.compare(1, std::string::npos, pr.name) == 0) {
+                for (const auto & w : split(pr.params, ' ')) {
+                    if (!set_method_word(m, w, depth + 1)) {
+                        return false;
+                    }
+                }
+                return true;
+            }
+        }
+        return false;
+    }
+    const size_t eq = word.find('=');
+    if (eq == std::string::npos) {
+        return false;
+    }
+    const std::string k = word.substr(0, eq);
+    const std::string v = word.substr(eq + 1);
+    const auto pick = [&](int32_t & field, const std::vector<std::pair<const char *, int32_t>> & names) {
+        for (const auto & [name, value] : names) {
+            if (v == name) {
+                field = value;
+                return true;
+            }
+        }
+        return false;
+    };
+    char * end = nullptr;
+    const float       f = strtof(v.c_str(), &end);
+    const bool        is_num = !v.empty() && *end == '\0';
+    const auto        u = (uint32_t) f;
+    kvm_params      & kp = m.kp;
+    /**/ if (k == "method")       { return pick(kp.method, { { "kvmerger", KVM_METHOD_KVMERGER }, { "context-shift", KVM_METHOD_CONTEXT_SHIFT },
+                                                         { "streaming-llm", KVM_METHOD_STREAMING_LLM }, { "h2o", KVM_METHOD_H2O },
+                                                         { "cam", KVM_METHOD_CAM }, { "evict-fold", KVM_METHOD_EVICT_FOLD } }); }
+    else if (k == "pivot")        { return pick(kp.pivot, { { "attention", KVM_PIVOT_ATTENTION }, { "query-free", KVM_PIVOT_QUERY_FREE } }); }
+    else if (k == "sigma_mode")   { return pick(kp.sigma_mode, { { "adaptive", KVM_SIGMA_ADAPTIVE }, { "fixed", KVM_SIGMA_FIXED },
+                                                             { "attention", KVM_SIGMA_ATTENTION }, { "relative", KVM_SIGMA_RELATIVE },
+                                                             { "layer", KVM_SIGMA_LAYER } }); }
+    else if (k == "value")        { return pick(kp.value_mode, { { "none", KVM_VALUE_MODE_NONE }, { "paper", KVM_VALUE_MODE_PAPER },
+                                                             { "logbias", KVM_VALUE_MODE_LOGBIAS } }); }
+    else if (!is_num)             { return false; }
+    else if (k == "n_sink")       { kp.n_sink       = u; }
+    else if (k == "n_recent")     { kp.n_recent     = u; }
+    else if (k == "heavy_frac")   { kp.heavy_frac   = f; }
+    else if (k == "sim_floor")    { kp.sim_floor    = f; }
+    else if (k == "merge_keys")   { kp.merge_keys   = f != 0; }
+    else if (k == "merge_values") { kp.merge_values = f != 0; }
+    else if (k == "sigma")        { kp.sigma        = f; }
+    else if (k == "age_bias")     { kp.age_bias     = f; }
+    else if (k == "max_set")      { kp.max_set      = u; }
+    else if (k == "max_count")    { kp.max_count    = u; }
+    else if (k == "cam_span")     { kp.cam_span     = u; }
+    else if (k == "recent_frac")  { m.recent_frac   = f; }
+    else if (k == "calib")        { m.calib         = f != 0; }
+    else if (k == "full")         { m.is_full       = f != 0; }
+    else if (k == "shift")        { m.is_shift      = f != 0; }
+    else                          { return false; }
+    return true;
+}
+
 static std::vector<Method> make_methods(int threads) {
     std::vector<Method> ms;
-    auto base = [&]() {
-        llama_kv_merge_params p = llama_kv_merge_default_params();
-        // every row starts from KVMerger (the default before EVICT_FOLD), so that the ablations,
-        // which only change what they ablate, keep the bits of the committed results
-        p.method    = LLAMA_KV_MERGE_METHOD_KVMERGER;
-        p.n_threads = threads;
-        return p;
-    };
-    auto add = [&](const std::string & name, const std::string & group, const std::string & desc,
-                   std::function<void(llama_kv_merge_params &)> set, const std::string & missing = "") {
+    for (const auto & row : k_methods) {
         Method m;
-        m.name = name; m.group = group; m.desc = desc; m.p = base(); m.missing = missing;
-        if (set) {
-            set(m.p);
+        m.name  = row.name;
+        m.group = row.group;
+        m.desc  = row.desc;
+        m.kp    = kvm_params_default();
+        m.kp.method    = KVM_METHOD_KVMERGER;
+        m.kp.n_threads = (uint32_t) std::max(0, threads);
+        for (const auto & w : split(row.params, ' ')) {
+            if (!set_method_word(m, w)) {
+                fprintf(stderr, "kvm_eval: method %s: bad parameter '%s'\n", row.name, w.c_str());
+                exit(1);
+            }
         }
         ms.push_back(m);
-    };
-
-    {
-        Method m; m.name = "full"; m.group = "main"; m.desc = "the whole window in the cache (upper bound)";
-        m.is_full = true; m.p = base(); ms.push_back(m);
     }
-    {
-        Method m; m.name = "shift"; m.group = "main"; m.desc = "llama.cpp context shift: keep n_keep, drop the oldest half";
-        m.is_shift = true; m.p = base(); ms.push_back(m);
-    }
-    add("streaming_llm", "main", "StreamingLLM: sinks + newest, drop the middle",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_STREAMING_LLM; });
-    add("h2o", "main", "H2O: sinks + recent 32 + heavy hitters by attention",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_H2O; });
-    add("cam", "main", "CaM: H2O eviction, evicted values folded into following kept cells",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_CAM; });
-    add("kvmerger_paper", "main", "KVMerger as published (our reading): sim floor 0.75, values x set size, attention pivots",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.sim_floor = 0.75f; p.value_mode = LLAMA_KV_MERGE_VALUE_PAPER; });
-    add("kvmerger", "main", "KVMerger, our reading: exact budget by link score, convex weights, no floor",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
-    // sets of at most 2 and an age bias from a PPL-only sweep of age_bias x max_set, floors, heavy
-    // hitters, attention weights and EVICT_FOLD on window 0 of the two texts (docs/findings.md: explore-c8);
-    // query-free, because the query scoring gave the same perplexity over three windows of three
-    // texts at 1.5x the cost (best-queryfree); age_bias 100 over 1 and 10 on the same
-    // windows, with token caps and wider recent windows losing (explore-age)
-    // best and its variants start from one function, so that a change to best moves them all
-    const auto best_p = [](llama_kv_merge_params & p) {
-        p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 100.0f; p.max_set = 2;
-    };
-    // the previous best (age_bias 1), base of the cap, recent-window and attention ablations
-    const auto age1_p = [](llama_kv_merge_params & p) {
-        p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = 1.0f; p.max_set = 2;
-    };
-    add("best", "main", "the age-pairs configuration (our best merging before EVICT_FOLD was measured in full): kvmerger, age-dominated link scores (age_bias 100: the oldest pairs merge, similarity picks among neighbours), sets of at most 2, query-free pivots, no heavy hitters",
-        best_p);
-    // the best merging configuration measured on both models (docs/findings.md: evict-fold): H2O's
-    // choice of who leaves, so it is H2O plus the folding; chosen among four candidates on windows 0-1 of
-    // Qwen2.5-Coder-0.5B at 35 %, then measured on every SmolLM2 window and held-out Qwen windows.
-    // The same parameters as abl_evict_fold, so the two rows give the same bits.
-    const auto ef_p = [](llama_kv_merge_params & p) { p.method = LLAMA_KV_MERGE_METHOD_EVICT_FOLD; };
-    add("evict_fold", "main", "our best merging configuration: EVICT_FOLD, H2O decides who leaves (sinks, recent 32, attention), each leaving cell folded into its more similar surviving neighbour (Gaussian-kernel weights)",
-        ef_p);
-    // what averaging adds at the positions best picks: keys kept (values pooled), or nothing
-    // averaged at all (every pair thinned to its pivot: eviction at the same positions)
-    add("abl_best_keepkey", "ablation", "best, keys not averaged (the pivot's key), values averaged",
-        [&](auto & p) { best_p(p); p.merge_keys = false; });
-    add("abl_best_thin", "ablation", "best's pairs, only the pivot kept (no averaging): eviction at the same positions",
-        [&](auto & p) { best_p(p); p.merge_keys = false; p.merge_values = false; });
-    add("abl_best_logbias", "ablation", "best, ln(count) in the KQ mask",
-        [&](auto & p) { best_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    // best's kernel weights are all but the pivot's: for a pair, 2σ² = d̄² with d̄ = d/2 gives the
-    // other member exp(−4) ≈ 0.018 of the pivot's weight (times its count), whatever d is, so
-    // best is near thinning. These rows average for real at the same positions: σ fixed far
-    // above any key distance, w ∝ count (the mean of the tokens the pair stands for), with and
-    // without ln(count) in the mask and the pivot's key
-    const auto mean_w = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_FIXED; k.sigma = 1e4f; };
-    for (bool keep_key : {false, true}) {
-        for (bool logbias : {false, true}) {
-            add(fmt("abl_best_mean%s%s", keep_key ? "_kk" : "", logbias ? "_lb" : ""), "ablation",
-                fmt("best's pairs, %s, count-weighted mean of values (sigma 1e4)%s",
-                    keep_key ? "the pivot's key" : "count-weighted mean of keys", logbias ? ", ln(count) in the KQ mask" : ""),
-                [&, keep_key, logbias](auto & p) {
-                    best_p(p);
-                    p.merge_keys = !keep_key;
-                    if (logbias) {
-                        p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS;
-                    }
-                });
-            ms.back().kvm_set = mean_w;
-        }
-    }
-    add("abl_best_thin_lb", "ablation", "best's pairs, only the pivot kept, ln(count) in the KQ mask (the pivot speaks for the tokens dropped beside it)",
-        [&](auto & p) { best_p(p); p.merge_keys = false; p.merge_values = false; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    add("abl_best_attn100", "ablation", "best with attention from the query ring: pivots by attention, 5% heavy hitters",
-        [&](auto & p) { best_p(p); p.use_attn = true; });
-    add("abl_best_age1", "ablation", "the previous best: best with age_bias 1 (similarity and age weigh alike)", age1_p);
-    add("abl_prev_best", "ablation", "the previous best: kvmerger, heavy 20%, floor 0.90, logbias, recent = capacity/8",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.heavy_frac = 0.20f; p.sim_floor = 0.90f;
-                       p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    ms.back().recent_frac = 0.125f;
-
-    // ablations, relative to `kvmerger` (our reading) unless the name says otherwise
-    add("abl_pivot_queryfree", "ablation", "kvmerger, pivots query-free (member nearest the mean key)",
-        [](auto & p) { p.use_attn = false; });
-    add("abl_sigma_fixed5", "ablation", "kvmerger, fixed sigma = 5 (kvmerger itself is sigma adaptive)", nullptr);
-    ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_FIXED; k.sigma = 5.0f; };
-    add("abl_value_paper", "ablation", "kvmerger, values x set size",
-        [](auto & p) { p.value_mode = LLAMA_KV_MERGE_VALUE_PAPER; });
-    add("abl_value_logbias", "ablation", "kvmerger, ln(count) in the KQ mask",
-        [](auto & p) { p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    add("abl_floor_075", "ablation", "kvmerger, similarity floor 0.75 (shortfall evicted)",
-        [](auto & p) { p.sim_floor = 0.75f; });
-    add("abl_floor_090", "ablation", "kvmerger, similarity floor 0.90",
-        [](auto & p) { p.sim_floor = 0.90f; });
-    add("abl_keep_pivot_key", "ablation", "kvmerger, keys not averaged (pivot's key), values averaged",
-        [](auto & p) { p.merge_keys = false; });
-    add("abl_pivot_only", "ablation", "kvmerger sets, keep only the pivot (no averaging)",
-        [](auto & p) { p.merge_keys = false; p.merge_values = false; });
-    // the profile comes from a text the PPL task does not score (--calib-text), see make_calib
-    add("abl_calib", "ablation", "kvmerger, link scores through a calibration profile (per-layer standardized cosine)",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; });
-    ms.back().calib = true;
-    add("abl_best_calib", "ablation", "abl_best_attn, link scores through a calibration profile",
-        [&](auto & p) { age1_p(p); p.use_attn = true; });
-    ms.back().calib = true;
-    // abl_best_age1 with the query ring (attention pivots, 5 % heavy hitters)
-    add("abl_best_attn", "ablation", "abl_best_age1 with attention from the query ring: pivots by attention, 5% heavy hitters",
-        [&](auto & p) { age1_p(p); p.use_attn = true; });
-    add("abl_age_bias", "ablation", "kvmerger, age-aware link scores (age_bias 0.2)", nullptr);
-    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 0.2f; };
-    add("abl_max_set4", "ablation", "kvmerger, merging sets of at most 4 cells", nullptr);
-    ms.back().kvm_set = [](kvm_params & k) { k.max_set = 4; };
-    add("abl_evict_fold", "ablation", "EVICT_FOLD: H2O decides who leaves, fold into the more similar neighbour (recent 32)",
-        ef_p);
-    add("abl_evict_fold_floor", "ablation", "EVICT_FOLD, fold only above cosine 0.75",
-        [&](auto & p) { ef_p(p); p.sim_floor = 0.75f; });
-    add("abl_ef_floor_90", "ablation", "EVICT_FOLD, fold only above cosine 0.9 (evict the rest)",
-        [&](auto & p) { ef_p(p); p.sim_floor = 0.9f; });
-    add("abl_evict_fold_keepkey", "ablation", "EVICT_FOLD, recent 256, keys not averaged",
-        [&](auto & p) { ef_p(p); p.n_recent = 256; p.merge_keys = false; });
-    add("abl_heavy_0", "ablation", "kvmerger, no heavy hitters protected",
-        [](auto & p) { p.heavy_frac = 0.0f; });
-    add("abl_heavy_20", "ablation", "kvmerger, 20% heavy hitters protected",
-        [](auto & p) { p.heavy_frac = 0.20f; });
-    for (int r : {128, 256, 512}) {
-        add(fmt("abl_recent_%d", r), "ablation", fmt("kvmerger, recent window %d", r),
-            [r](auto & p) { p.n_recent = r; });
-    }
-    add("abl_h2o_recent_256", "ablation", "H2O, recent window 256",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_H2O; p.n_recent = 256; });
-    add("abl_cam_recent_256", "ablation", "CaM, recent window 256",
-        [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_CAM; p.n_recent = 256; });
-    // combinations of the knobs that helped one at a time (candidates for `best`)
-    add("abl_combo_ef", "ablation", "EVICT_FOLD, recent 256, heavy 20%",
-        [&](auto & p) { ef_p(p); p.n_recent = 256; p.heavy_frac = 0.20f; });
-    add("abl_combo_kvm", "ablation", "kvmerger, recent 256, heavy 20%, floor 0.90",
-        [](auto & p) { p.n_recent = 256; p.heavy_frac = 0.20f; p.sim_floor = 0.90f; });
-    add("abl_combo_kvm_lb", "ablation", "kvmerger, recent 256, heavy 20%, floor 0.90, logbias",
-        [](auto & p) { p.n_recent = 256; p.heavy_frac = 0.20f; p.sim_floor = 0.90f; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    add("abl_combo_ef_lb", "ablation", "EVICT_FOLD, recent 256, heavy 20%, logbias",
-        [&](auto & p) { ef_p(p); p.n_recent = 256; p.heavy_frac = 0.20f; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    // attention-weighted members (KVM_SIGMA_ATTENTION): a member the queries ignore is all but
-    // evicted, one they attend to keeps its share
-    add("abl_sigma_attn", "ablation", "kvmerger, members weighted by accumulated attention (no Gaussian kernel)", nullptr);
-    ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_ATTENTION; };
-    add("abl_ef_attnw", "ablation", "EVICT_FOLD, members weighted by accumulated attention", ef_p);
-    ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_ATTENTION; };
-    // what EVICT_FOLD's folding itself adds at H2O's positions: the same sets with only each
-    // pivot kept (an EVICT_FOLD set's pivot is its survivor, so this is H2O, bit for bit), the
-    // survivor's key with values averaged, and the plain count-weighted mean
-    add("abl_ef_pivot_only", "ablation", "EVICT_FOLD sets, keep only the pivot (no averaging): eviction at H2O's positions",
-        [&](auto & p) { ef_p(p); p.merge_keys = false; p.merge_values = false; });
-    add("abl_ef_keepkey", "ablation", "EVICT_FOLD, keys not averaged (the pivot's key), values averaged",
-        [&](auto & p) { ef_p(p); p.merge_keys = false; });
-    add("abl_ef_mean", "ablation", "EVICT_FOLD sets, count-weighted mean of keys and values (sigma 1e4)", ef_p);
-    ms.back().kvm_set = mean_w;
-    // the fold's strength: EVICT_FOLD's adaptive kernel gives a survivor's one leaving neighbour
-    // exp(-4) = 0.018 of the survivor's weight whatever their distance, and the plain mean above
-    // gives it 1; a relative sigma (sigma = r * mean distance) sweeps the range between,
-    // exp(-2 / r^2) per pair
-    for (const auto & [tag, r] : std::vector<std::pair<const char *, float>>{
-             { "055", 0.55f }, { "085", 0.85f }, { "100", 1.0f }, { "130", 1.3f } }) {
-        add(fmt("abl_ef_rel%s", tag), "ablation",
-            fmt("EVICT_FOLD, sigma = %.2f x mean key distance (pair weight %.3g)", r, std::exp(-2.0 / (r * r))), ef_p);
-        ms.back().kvm_set = [r = r](kvm_params & k) { k.sigma_mode = KVM_SIGMA_RELATIVE; k.sigma = r; };
-    }
-    // the same strengths with the distance kept in: one sigma per layer and head for the whole
-    // event (r x the rms member-to-pivot distance), so a leaving cell much nearer its survivor
-    // than usual keeps most of its weight and a far one almost none; an average one gets
-    // exp(-1 / 2r^2)
-    for (const auto & [tag, r] : std::vector<std::pair<const char *, float>>{
-             { "025", 0.25f }, { "035", 0.35f }, { "050", 0.5f } }) {
-        add(fmt("abl_ef_layer%s", tag), "ablation",
-            fmt("EVICT_FOLD, sigma = %.2f x the event's rms member-to-pivot distance per layer and head (average member %.3g)",
-                r, std::exp(-0.5 / (r * r))), ef_p);
-        ms.back().kvm_set = [r = r](kvm_params & k) { k.sigma_mode = KVM_SIGMA_LAYER; k.sigma = r; };
-    }
-    // a folded survivor stands for count tokens: ln(count) in its KQ mask gives it their attention mass
-    add("abl_ef_logbias", "ablation", "EVICT_FOLD, ln(count) in the KQ mask",
-        [&](auto & p) { ef_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    add("abl_h2o_rc", "ablation", "H2O, recent = capacity/8", [](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_H2O; });
-    ms.back().recent_frac = 0.125f;
-    add("abl_ef_attnw_rc", "ablation", "EVICT_FOLD, attention weights, recent = capacity/8", ef_p);
-    ms.back().kvm_set = [](kvm_params & k) { k.sigma_mode = KVM_SIGMA_ATTENTION; };
-    ms.back().recent_frac = 0.125f;
-    add("abl_prev_best_age1", "ablation", "the previous best + age_bias 1.0", [](auto & p) {
-        p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.heavy_frac = 0.20f; p.sim_floor = 0.90f; p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; };
-    ms.back().recent_frac = 0.125f;
-    add("abl_prev_best_attnw_age1", "ablation", "the previous best, attention weights instead of the kernel and logbias, age_bias 1.0", [](auto & p) {
-        p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.heavy_frac = 0.20f; p.sim_floor = 0.90f; });
-    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; k.sigma_mode = KVM_SIGMA_ATTENTION; };
-    ms.back().recent_frac = 0.125f;
-    // age-aware link scores: merging moves toward the oldest cells (StreamingLLM's choice), but
-    // what leaves is folded into a similar neighbour instead of dropped
-    for (float a : {0.5f, 1.0f, 3.0f}) {
-        for (int mset : {0, 2}) {
-            add(fmt("abl_age%g%s", a, mset ? fmt("_set%d", mset).c_str() : ""), "ablation",
-                fmt("kvmerger, age_bias %g%s", a, mset ? fmt(", sets of at most %d", mset).c_str() : ""), nullptr);
-            ms.back().kvm_set = [a, mset](kvm_params & k) { k.age_bias = a; k.max_set = (uint32_t) mset; };
-        }
-    }
-    add("abl_age1_logbias", "ablation", "kvmerger, age_bias 1, logbias", [](auto & p) { p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    ms.back().kvm_set = [](kvm_params & k) { k.age_bias = 1.0f; };
-    // a cap on the tokens one cell stands for: old text is merged once (or a few times) and
-    // then evicted oldest first, instead of being folded again and again into blurred cells
-    for (int cap : {2, 3, 4}) {
-        add(fmt("abl_cap%d", cap), "ablation", fmt("abl_best_age1, cells stand for at most %d tokens (then oldest evicted)", cap), age1_p);
-        ms.back().kvm_set = [cap](kvm_params & k) { k.max_count = (uint32_t) cap; };
-    }
-    add("abl_cap2_logbias", "ablation", "abl_best_age1, at most 2 tokens per cell, logbias",
-        [&](auto & p) { age1_p(p); p.value_mode = LLAMA_KV_MERGE_VALUE_LOGBIAS; });
-    ms.back().kvm_set = [](kvm_params & k) { k.max_count = 2; };
-    add("abl_cap2_attn", "ablation", "abl_best_attn (least attended evicted), at most 2 tokens per cell",
-        [&](auto & p) { age1_p(p); p.use_attn = true; });
-    ms.back().kvm_set = [](kvm_params & k) { k.max_count = 2; };
-    for (float rf : {0.25f, 0.5f}) {
-        add(fmt("abl_best_rc%g", 1.0f/rf), "ablation", fmt("abl_best_age1, recent = capacity/%g", 1.0f/rf), age1_p);
-        ms.back().recent_frac = rf;
-    }
-    // stronger age bias (best has 100), and age alone with no set limit: the oldest run in one cell
-    for (auto [a, mset] : {std::pair{10.0f, 2}, {100.0f, 0}}) {
-        add(fmt("abl_age%g%s", a, mset ? "_set2" : ""), "ablation", fmt("kvmerger query-free, age_bias %g%s", a, mset ? ", sets of at most 2" : ""),
-            [a, mset](auto & p) { p.method = LLAMA_KV_MERGE_METHOD_KVMERGER; p.use_attn = false; p.age_bias = a; p.max_set = mset; });
-    }
-    add("abl_cap2_age0", "ablation", "kvmerger query-free, no age bias, at most 2 tokens per cell",
-        [&](auto & p) { age1_p(p); p.age_bias = 0.0f; });
-    ms.back().kvm_set = [](kvm_params & k) { k.max_count = 2; };
     return ms;
 }
 
@@ -652,29 +694,6 @@ struct Stats {
     int    pos_mismatch = 0;  // pos_max + 1 != n_past after a compression (should stay 0)
 };
 
-// The patch's mapping from llama_kv_merge_params to kvm_params (llama_kv_cache::seq_merge), then the
-// method's own knobs: what a method runs with, for the rows that need a knob the llama fields
-// lack and for methods.csv.
-static kvm_params kvm_params_of(const llama_kv_merge_params & p, const Method & m) {
-    kvm_params kp = kvm_params_default();
-    kp.n_threads    = (uint32_t) std::max(0, p.n_threads);
-    kp.method       = (decltype(kp.method)) p.method; // the enum values are equal
-    kp.n_sink       = (uint32_t) p.n_sink;
-    kp.n_recent     = (uint32_t) p.n_recent;
-    kp.heavy_frac   = p.heavy_frac;
-    kp.sim_floor    = p.sim_floor;
-    kp.value_mode   = (decltype(kp.value_mode)) p.value_mode;
-    kp.merge_keys   = p.merge_keys;
-    kp.merge_values = p.merge_values;
-    kp.pivot        = (decltype(kp.pivot)) (p.use_attn ? KVM_PIVOT_ATTENTION : KVM_PIVOT_QUERY_FREE);
-    kp.age_bias     = p.age_bias;
-    kp.max_set      = (uint32_t) std::max(0, p.max_set);
-    if (m.kvm_set) {
-        m.kvm_set(kp);
-    }
-    return kp;
-}
-
 struct Feeder {
     Model & M;
     Ctx & X;
@@ -686,29 +705,25 @@ struct Feeder {
     Stats st;
     llama_batch batch;
 
-    llama_kv_merge_params p;  // m.p, with n_recent scaled to the capacity if the method asks
+    kvm_params kp;            // m.kp, with n_recent scaled to the capacity if the method asks
+    llama_kv_merge_params p;  // what the patch is given: kp whole, and the calibration profile
 
     Feeder(Model & M_, Ctx & X_, const Method & m_, const Opts & o_, int C_, int n_keep_) : M(M_), X(X_), m(m_), o(o_), C(C_), n_keep(n_keep_) {
         batch = llama_batch_init(std::max(o.B, 512), 0, 1);
-        p = m.p;
+        kp = m.kp;
         if (m.recent_frac > 0) {
-            p.n_recent = std::max(1, (int) std::lround(m.recent_frac * C));
+            kp.n_recent = (uint32_t) std::max(1, (int) std::lround(m.recent_frac * C));
         }
-        if (m.kvm_set) {
-            use_kvm_params();
-        }
+        p = llama_kv_merge_default_params();
+        p.n_threads  = (int32_t) kp.n_threads;
+        p.kvm_params = &kp;
         if (m.calib) {
             p.calib_path = o.calib.c_str();
         }
     }
     ~Feeder() { llama_batch_free(batch); }
-
-    // the whole kvm_params behind `p` when the method sets knobs llama_kv_merge_params lacks
-    kvm_params kp;
-    void use_kvm_params() {
-        kp = kvm_params_of(p, m);
-        p.kvm_params = &kp;
-    }
+    Feeder(const Feeder &) = delete; // p points into this Feeder
+    Feeder & operator=(const Feeder &) = delete;
 
     void reset() {
         llama_memory_clear(X.mem, true);
@@ -930,9 +945,9 @@ static std::string methods_json(const std::vector<Method> & ms) {
                  "\"heavy_frac\": %g, \"sim_floor\": %g, \"value_mode\": %d, \"merge_keys\": %s, \"merge_values\": %s, "
                  "\"use_attn\": %s, \"missing\": %s}",
                  i ? "," : "", json_escape(m.name).c_str(), json_escape(m.group).c_str(), json_escape(m.desc).c_str(),
-                 m.is_full ? -1 : m.is_shift ? -2 : m.p.method, m.p.n_sink, m.p.n_recent, m.p.heavy_frac, m.p.sim_floor,
-                 m.p.value_mode, m.p.merge_keys ? "true" : "false", m.p.merge_values ? "true" : "false",
-                 m.p.use_attn ? "true" : "false", m.missing.empty() ? "null" : json_escape(m.missing).c_str());
+                 m.is_full ? -1 : m.is_shift ? -2 : m.kp.method, (int) m.kp.n_sink, (int) m.kp.n_recent, m.kp.heavy_frac,
+                 m.kp.sim_floor, m.kp.value_mode, m.kp.merge_keys ? "true" : "false", m.kp.merge_values ? "true" : "false",
+                 m.kp.pivot == KVM_PIVOT_ATTENTION ? "true" : "false", m.missing.empty() ? "null" : json_escape(m.missing).c_str());
     }
     return o + "\n]";
 }
@@ -1196,11 +1211,11 @@ int main(int argc, char ** argv) {
     nll_dump.path = o.out + "/nll.bin";
     nll_dump.index.path = o.out + "/nll_index.csv";
     for (const auto & m : methods) {
-        const kvm_params kp = kvm_params_of(m.p, m);
+        const kvm_params & kp = m.kp;
         R.methods.add(Row().s("name", m.name).s("group", m.group).s("desc", m.desc)
-            .i("method", m.is_full ? -1 : m.is_shift ? -2 : m.p.method).i("n_sink", m.p.n_sink).i("n_recent", m.p.n_recent).f("recent_frac", m.recent_frac, 3)
-            .f("heavy_frac", m.p.heavy_frac, 3).f("sim_floor", m.p.sim_floor, 2).i("value_mode", m.p.value_mode)
-            .i("merge_keys", m.p.merge_keys).i("merge_values", m.p.merge_values).i("use_attn", m.p.use_attn)
+            .i("method", m.is_full ? -1 : m.is_shift ? -2 : kp.method).i("n_sink", kp.n_sink).i("n_recent", kp.n_recent).f("recent_frac", m.recent_frac, 3)
+            .f("heavy_frac", kp.heavy_frac, 3).f("sim_floor", kp.sim_floor, 2).i("value_mode", kp.value_mode)
+            .i("merge_keys", kp.merge_keys).i("merge_values", kp.merge_values).i("use_attn", kp.pivot == KVM_PIVOT_ATTENTION)
             .i("calib", m.calib).f("age_bias", kp.age_bias, 2).i("max_set", kp.max_set)
             .i("max_count", kp.max_count).i("sigma_mode", kp.sigma_mode).s("missing", m.missing));
     }

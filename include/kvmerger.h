@@ -61,22 +61,94 @@ typedef int32_t kvm_status;
 #endif // __cplusplus
 
 // Which cells leave the cache, and how (the value of `kvm_params.method`).
+//
+// The rules every plan follows, for a window of `n` cells (index 0 the oldest) that must
+// free `n_free` of them:
+//
+// - **Sinks**: the first `min(n_sink, n)` cells. **Recent**: the last `min(n_recent, n)`.
+// - **Heavy hitters** (KVMERGER, H2O, CAM and EVICT_FOLD, and only when `attn` is given):
+//   `k = round(heavy_frac · n)` cells (n the whole window, halves rounded away from zero),
+//   chosen among the cells that are neither sinks nor recent (so those never count towards
+//   `k`), most attention first, equal attention to the older cell; all of them if fewer
+//   than `k` remain.
+// - **Protected** cells (sinks, recent and heavy hitters, or what a method lists instead)
+//   never leave and are never merged with another cell; they may absorb leaving cells only
+//   where a method says so. More than the unprotected cells asked for: KVM_STATUS_BUDGET.
+// - **Order of eviction** ("least attended first"): ascending attention, equal attention to
+//   the older cell; without `attn`, oldest first.
+// - **Output**: sets are numbered in position order of their surviving cell, whose count is
+//   the sum of its members' counts (saturating at UINT32_MAX); `freed` lists the freed cell
+//   ids in position order; `n_evicted` counts freed cells merged into no survivor.
 enum kvm_method
 #ifdef __cplusplus
   : int32_t
 #endif // __cplusplus
  {
   // KVMerger, our reading of the paper: merge runs of adjacent, key-similar cells.
+  //
+  // Protects sinks, recent and heavy hitters. Link `i` joins cells `i` and `i+1`; its
+  // similarity is the mean over layers and KV heads of their keys' cosine (−1 for a zero or
+  // non-finite key), its score that similarity plus `age_bias · age(i)`, `age(i) = 1 −
+  // i/(n−2)` (1 when n ≤ 2), so over all `n − 1` links of the window. With a calibration
+  // profile (`kvm_ctx_set_calib`) the similarity in the score becomes the mean over layers,
+  // each weighted by its KV heads, of `(c_l − μ_l)/σ_l`, `c_l` the layer's mean cosine over
+  // its heads and `μ_l`, `σ_l` the profile's (`1/σ_l` taken as 0 when `σ_l` ≤ 1e-6, and
+  // `μ_l=0`, `σ_l=1` for a layer the profile holds fewer than 2 links of); the floor still
+  // compares the plain similarity. Links with an unprotected cell at both ends and a
+  // similarity ≥ `sim_floor` are candidates, taken in descending score (equal scores: the
+  // older link) until `n_free` are taken; a link is skipped when the run it would make has
+  // more than `max_set` cells or stands for more than `max_count` tokens. Each taken link
+  // frees one cell; the runs of cells joined by taken links are the sets. **Shortfall**:
+  // when fewer than `n_free` links are taken, `n_free − taken` whole sets (merged runs and
+  // single cells, all unprotected) are evicted, every member of each: in ascending order of
+  // the largest attention of their members (equal: the older set), or the oldest sets first
+  // without `attn`. Each evicted set frees exactly one cell more than merging it would.
+  // **Pivot** of each merged set (the cell that survives): with KVM_PIVOT_ATTENTION and
+  // `attn`, the member with the most attention (equal: the older); otherwise (query-free)
+  // the member whose key is nearest the set's count-weighted mean key (squared distance
+  // summed over layers and KV heads; equal: the older).
   KVM_METHOD_KVMERGER = 0,
   // llama.cpp's context shift: drop the oldest cells of the window.
+  //
+  // Protects nothing (not even the sinks): frees cells `0 .. n_free`. Reads no attention.
   KVM_METHOD_CONTEXT_SHIFT = 1,
   // StreamingLLM: keep `n_sink` and the newest cells, drop the oldest of the rest.
+  //
+  // Protects only the sinks (`n_recent` and heavy hitters do not apply): frees cells
+  // `s .. s + n_free`, `s = min(n_sink, n)`. Reads no attention.
   KVM_METHOD_STREAMING_LLM = 2,
   // H2O: keep sinks, recent window, heavy hitters; drop the least attended.
+  //
+  // Frees the first `n_free` unprotected cells in the order of eviction (least attended,
+  // or oldest without `attn`); nothing is merged (`n_evicted = n_free`).
   KVM_METHOD_H2O = 3,
   // CaM: H2O's eviction with evicted values folded into following kept values.
+  //
+  // Frees what H2O frees, all evicted (`n_evicted = n_free`). At apply, each evicted cell `e`'s value rows are added, with
+  // weight `p/m`, to the values of its `m` targets: the kept cells after it that are not
+  // sinks, the nearest `cam_span` of them (fewer if fewer follow), or, when none follows,
+  // the last `cam_span` such cells before it (none at all: nothing is added). `p` is
+  // `a_e / mean a_targets` clamped to [0, 1] with `attn` (1 when that mean is not > 0), and
+  // 1 without. Keys are untouched.
   KVM_METHOD_CAM = 4,
-  // Hybrid: H2O decides who leaves, each leaving cell merges into its more similar neighbour.
+  // Hybrid: H2O decides who leaves, each leaving cell merges into a surviving neighbour.
+  //
+  // The leaving cells are the `n_free` that H2O would free. Each maximal run `a..=b` of
+  // leaving cells may join its left survivor `a − 1` and its right survivor `b + 1` (any
+  // kept cell, protected ones included), except that **a sink never absorbs** and there is
+  // none past the window's ends. With both, the run splits where the summed similarity is
+  // largest: cells `a .. a+s` join the left survivor and the rest the right one, for the
+  // `s` in `0..=m` (`m = b − a + 1`) that maximizes `v_s = Σ_{j<s} L_j + Σ_{j≥s} R_j`,
+  // `L_j`/`R_j` the similarity of cell `a+j` to the left/right survivor (the mean over
+  // layers and KV heads of the keys' cosine). In f32: `v_0 = R_0 + … + R_{m−1}` summed in
+  // order, `v_{s+1} = v_s + (L_s − R_s)`; the first `s` with the largest `v_s`, so a lone
+  // cell as similar to both goes right. Sets stay runs, and a cell may join its less
+  // similar neighbour. With one survivor the whole run joins it; with none it is evicted.
+  // **Floor**: with `sim_floor`, counting outward from each survivor, its part of the run
+  // stops before the first cell whose similarity to that survivor is below the floor: that
+  // cell and every cell between it and the split are evicted (whole stretches, even cells
+  // above the floor). The floor never changes which cells leave, only whether they are
+  // folded. The survivor is each set's pivot.
   KVM_METHOD_EVICT_FOLD = 5,
 };
 #ifndef __cplusplus
@@ -91,7 +163,9 @@ enum kvm_pivot
  {
   // Most accumulated attention; query-free when `attn` is NULL.
   KVM_PIVOT_ATTENTION = 0,
-  // The member nearest the set's mean key.
+  // The member nearest the set's count-weighted mean key. A host that asks for this scores
+  // no queries (`kvm_method_reads_attention` says false) and passes `attn` = NULL; given
+  // `attn` anyway, heavy hitters and the order of eviction still use it.
   KVM_PIVOT_QUERY_FREE = 1,
 };
 #ifndef __cplusplus
@@ -164,10 +238,12 @@ typedef struct kvm_params {
   // Last cells of the window never freed. Default 32.
   uint32_t n_recent;
   // Share of the window with the most attention never freed, in [0, 1] (refused outside,
-  // and NaN). Default 0.05.
+  // and NaN): `round(heavy_frac · n_cells)` cells besides the sinks and the recent window
+  // (see `kvm_method`). Without `attn`, none. Default 0.05.
   float heavy_frac;
   // Links with a mean key cosine below this are not merged (under EVICT_FOLD: a leaving
-  // cell this unlike its neighbour is evicted, not folded); below -1 means no floor. NaN is
+  // cell this unlike its survivor is evicted, not folded, and so is every cell past it;
+  // see `kvm_method`); a cosine equal to the floor passes; below -1 means no floor. NaN is
   // refused: it compares neither above nor below a cosine. Default -2 (off).
   float sim_floor;
   // A `kvm_pivot`. Default KVM_PIVOT_ATTENTION.
@@ -281,6 +357,19 @@ bool kvm_has_cuda(void);
 // The ABI version this library was built with (`KVM_ABI_VERSION`).
 uint32_t kvm_abi_version(void);
 
+// Whether a host should score attention (`kvm_attn_from_queries_layers`, `kvm_attn_add_probs`)
+// before planning with this `kvm_method` and `kvm_pivot` (the values of `kvm_params.method`
+// and `kvm_params.pivot`), or pass `attn` = NULL to `kvm_plan_init` and skip that cost.
+//
+// True when `pivot` is KVM_PIVOT_ATTENTION and `method` is KVM_METHOD_KVMERGER,
+// KVM_METHOD_H2O, KVM_METHOD_CAM or KVM_METHOD_EVICT_FOLD, the methods whose plans depend on
+// `attn`. False for KVM_METHOD_CONTEXT_SHIFT and KVM_METHOD_STREAMING_LLM, which choose by
+// position alone (`kvm_plan_init` ignores an `attn` given with them, beyond checking it), for
+// KVM_PIVOT_QUERY_FREE, which asks for a plan without queries (with `attn` = NULL: no heavy
+// hitters, oldest-first eviction, pivots nearest the count-weighted mean key), and for a value
+// that is not one of its enum's (which `kvm_ctx_init` refuses).
+bool kvm_method_reads_attention(int32_t method, int32_t pivot);
+
 // Creates a context. `params` may be NULL for the defaults. On success writes a new handle
 // to `*out` (free it with `kvm_ctx_free`); on failure `*out` is untouched.
 kvm_status kvm_ctx_init(const struct kvm_params *params, struct kvm_ctx **out);
@@ -298,7 +387,10 @@ kvm_status kvm_ctx_params(const struct kvm_ctx *ctx, struct kvm_params *out);
 // attention per window cell, or NULL (query-free pivots, oldest-first eviction).
 // `counts[n_cells]`: tokens each cell already stands for (≥ 1), or NULL for all 1.
 // Frees exactly `n_free` cells or fails with KVM_STATUS_BUDGET. On success `*out` is a new
-// plan (free with `kvm_plan_free`); nothing is written to any buffer.
+// plan (free with `kvm_plan_free`); nothing is written to any buffer. Which cells leave and
+// which survivor each joins follow the rules under `kvm_method`; `attn` is ignored (after
+// its check) by the methods `kvm_method_reads_attention` says read none. A plan depends only
+// on its inputs (not on the thread count): every tie is broken by position as stated there.
 kvm_status kvm_plan_init(const struct kvm_ctx *ctx,
                          const struct kvm_layer_view *layers,
                          size_t n_layers,

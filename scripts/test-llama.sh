@@ -7,11 +7,14 @@
 #       identical logits; kvm_params override; refusals (-3 on shared cells / pending K-shift, -2 bad args);
 #       calibration profiles (llama_memory_seq_merge_calibrate, calib_path)
 #   (a) llama-completion -c 256 --context-shift --kv-merge -n 700 (-fa on and off, on with the profile of (b)
-#       through --kv-merge-calib, and on with the flags of the age-pairs configuration `best`): merges happen, the
-#       cache never grows past its cells, the text stays text, the merge logs the parameters and profile the flags
-#       set (the default method, EVICT_FOLD, without flags)
+#       through --kv-merge-calib, with the flags of the age-pairs configuration `best`, with every other
+#       --kv-merge-* flag at a valid value, with q8_0, q4_0 and bf16 caches, and query-free): merges happen,
+#       each on a full cache and keeping the --kv-merge-keep share of it, with the attention of the kept queries
+#       (none with query-free), the text stays text, the merge logs the parameters and profile the flags set
+#       (the default method, EVICT_FOLD, without flags)
 #   (c) llama-server -np 2 --kv-merge: two long concurrent /completion requests each equal the request run alone
-#   (d) bad --kv-merge-* flags exit non-zero with a message naming the flag, no signal
+#   (d) bad --kv-merge-* values exit non-zero with a message naming the flag (not the unknown-flag message),
+#       no signal
 # Each check prints PASS/FAIL with a reason; the last line is "N passed, M failed"; exit 1 on any failure.
 #
 # Env: KVM_TEST_SKIP_BUILD=1  do not run build-llama.sh (use the tools already built)
@@ -144,13 +147,22 @@ PY
 # the flags of the evaluation's `best` (the age-pairs KVMerger configuration); the profile and these flags
 # steer KVMerger's link scores, which the default method (EVICT_FOLD) does not read
 BEST=(--kv-merge-method kvmerger --kv-merge-pivot query-free --kv-merge-age-bias 100 --kv-merge-max-set 2)
-for run in on off calib best; do
-    fa="$run"; extra=()
+# every --kv-merge-* flag with a valid value other than its default
+FLAGS=(--kv-merge-keep 0.6 --kv-merge-floor 0.1 --kv-merge-recent 16 --kv-merge-sinks 8 --kv-merge-value paper)
+for run in on off calib best flags q8_0 q4_0 bf16 query-free; do
+    fa="$run"; extra=(); keep=0.5
     if [ "$run" = calib ]; then
         fa=on; extra=(--kv-merge-method kvmerger --kv-merge-calib "$WORK/rt.profile")
         [ -f "$WORK/rt.profile" ] || { fail "(a) --kv-merge-calib" "no profile from (b)"; continue; }
     elif [ "$run" = best ]; then
         fa=on; extra=("${BEST[@]}")
+    elif [ "$run" = flags ]; then
+        fa=on; extra=("${FLAGS[@]}"); keep=0.6
+    elif [ "$run" = query-free ]; then
+        fa=on; extra=(--kv-merge-pivot query-free)
+    elif [ "$run" = q8_0 ] || [ "$run" = q4_0 ] || [ "$run" = bf16 ]; then
+        # quantized caches through the codec; bf16 through the K-shift's f32 round trip
+        fa=on; extra=(-ctk "$run" -ctv "$run")
     fi
     # -lv 4 shows libllama's info lines, among them the parameters of the merge context
     lv=(-lv 4)
@@ -173,10 +185,25 @@ for run in on off calib best; do
     n_ctx="${n_ctx:-256}"
     bad="$(printf '%s\n' "$merges" | awk -v c="$n_ctx" 'NF == 2 && !($1 <= c && $2 < $1) {print "bad merge " $1 " -> " $2}' | head -n 1)"
     refused="$(grep -c 'kv-merge refused' "$log")"
+    # each event keeps the --kv-merge-keep share of the window after n_keep (0 here, or 1 with a BOS)
+    # and starts from a full cache: a merge that frees too little or too much, or runs early, fails this
+    badkeep="$(printf '%s\n' "$merges" | awk -v c="$n_ctx" -v k="$keep" 'function r(x) { return int(x + 0.5) }
+        NF == 2 { ok = 0; for (nk = 0; nk <= 1; nk++) if ($2 == nk + r(k * ($1 - nk))) ok = 1;
+                  if (!ok || $1 < c - 64) { print $1 " -> " $2 " (keep " k ", n_ctx " c ")"; exit } }')"
+    # the attention of the kept queries reaches the plan (libllama's debug line), except where it must not
+    n_attn="$(grep -c 'attention from [1-9][0-9]* recent queries' "$log")"
     if [ "$n_merge" -lt 2 ]; then
         fail "$name" "$n_merge kv-merge log lines (want >= 2), $refused refused"
     elif [ -n "$bad" ]; then
         fail "$name" "$bad (n_ctx $n_ctx)"
+    elif [ -n "$badkeep" ]; then
+        fail "$name" "an event did not keep its share of a full window: $badkeep"
+    elif [ "$run" = query-free ] && [ "$n_attn" -ne 0 ]; then
+        fail "$name" "$n_attn merges read attention with --kv-merge-pivot query-free"
+    elif [ "$run" != query-free ] && [ "$run" != best ] && [ "$n_attn" -lt "$n_merge" ]; then
+        fail "$name" "only $n_attn of $n_merge merges had the attention of recent queries (the query ring is off or empty)"
+    elif [ "$run" = flags ] && ! grep -q 'kvmerger: method 5, sinks 8, recent 16, heavy 0.05, floor 0.10, pivot attention, value 1,' "$log"; then
+        fail "$name" "the flags did not reach the merge: $(grep -m 1 'kvmerger: method' "$log")"
     elif [ "$refused" -ne 0 ]; then
         fail "$name" "$refused merges refused"
     elif ! why="$(text_ok "$out")"; then
@@ -188,7 +215,7 @@ for run in on off calib best; do
     elif [ "$run" = calib ] && ! grep -q "kvmerger: method 0, .*, profile $WORK/rt.profile" "$log"; then
         fail "$name" "the profile did not reach the merge: $(grep -m 1 'kvmerger: method' "$log")"
     else
-        pass "$name" "$n_merge merges ($(printf '%s\n' "$merges" | head -n 1 | awk '{print $1 " -> " $2}'), all before <= $n_ctx, after < before), $why, ${dt}s"
+        pass "$name" "$n_merge merges ($(printf '%s\n' "$merges" | head -n 1 | awk '{print $1 " -> " $2}'), each of a full cache keeping $keep of it), $n_attn with attention, $why, ${dt}s"
     fi
 done
 
@@ -281,18 +308,28 @@ for args in "--kv-merge-keep -1" "--kv-merge-keep 0" "--kv-merge-method nosuch" 
         # shellcheck disable=SC2086
         timeout 60 "$BIN/$tool" -m "$MODEL" $args --kv-merge -t "$THREADS" "${extra[@]}" > "$WORK/d.out" 2> "$WORK/d.err" < /dev/null
         rc=$?
-        msg="$(grep -m 1 -- "error.*$flag" "$WORK/d.err" "$WORK/d.out" | sed 's/^[^:]*://')"
+        msg="$(grep -h -m 1 -- "error.*$flag" "$WORK/d.err" "$WORK/d.out")"
         if [ $rc -eq 0 ]; then
             fail "$name" "exit code 0"
         elif [ $rc -ge 124 ]; then
             fail "$name" "exit code $rc (signal or timeout)"
         elif [ -z "$msg" ]; then
             fail "$name" "exit code $rc, but no error message naming $flag"
+        elif grep -q -- "invalid argument: $flag" <<< "$msg"; then
+            # what any unknown flag prints: the flag itself is missing (or misspelled)
+            fail "$name" "$flag is not a known flag: $msg"
         else
             pass "$name" "exit code $rc: $msg"
         fi
     done
 done
+# the check above tells a refused value from an unknown flag: an unknown one prints "invalid argument: FLAG"
+timeout 60 "$BIN/llama-completion" -m "$MODEL" --kv-merge-nosuch 1 --kv-merge -n 1 -p hi > "$WORK/d.out" 2> "$WORK/d.err" < /dev/null
+if grep -q -- "invalid argument: --kv-merge-nosuch" "$WORK/d.err" "$WORK/d.out"; then
+    pass "(d) an unknown flag prints what the checks above tell apart" "$(grep -h -m 1 'invalid argument' "$WORK/d.err" "$WORK/d.out")"
+else
+    fail "(d) an unknown flag prints what the checks above tell apart" "$(tail -n 2 "$WORK/d.err" | tr '\n' ' ')"
+fi
 
 echo "test-llama: checks took $(( $(date +%s) - t_checks )) s" >&2
 finish

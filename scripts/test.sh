@@ -22,7 +22,7 @@ say "unit, property, merge-math, ABI and C (ASan) tests"
 cargo test --quiet
 
 say "the whole pipeline on the scalar kernels"
-KVM_FORCE_SCALAR=1 cargo test --quiet --test plan_props --test merge_math
+KVM_FORCE_SCALAR=1 cargo test --quiet --test plan_props --test merge_math --test plan_rules
 
 say "eval/ci.py (the harness's intervals) on synthetic NLLs"
 python3 tests/eval_ci.py

@@ -634,23 +634,40 @@ impl LayerMut<'_> {
 /// cover a memory access while the rows in between are decoded.
 pub(crate) const PREFETCH_AHEAD: usize = 4;
 
-/// Prefetches every cache line of `bytes` (a hint; never faults, reads nothing). The last
-/// byte is asked for too, since a row need not start on a line.
+/// Prefetches the first cache lines of `bytes`, at most [`PREFETCH_BYTES`] (a hint; never
+/// faults, reads nothing). The last byte of a short row is asked for too, since a row need not
+/// start on a line. A long row is left to the hardware prefetcher once its start is loading:
+/// asking for all of it filled L1 with lines evicted before their turn, and the loop over its
+/// lines cost more than the misses it saved.
 #[inline]
 fn prefetch(bytes: &[u8]) {
+    let n = bytes.len().min(PREFETCH_BYTES);
     #[cfg(target_arch = "x86_64")]
-    for off in (0..bytes.len())
-        .step_by(64)
-        .chain(bytes.len().checked_sub(1))
     {
-        // SAFETY: the pointer is inside `bytes`; a prefetch is a hint that never faults and
-        // has no effect on memory.
-        unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                bytes.as_ptr().add(off).cast(),
-            )
-        };
+        let p = bytes.as_ptr();
+        let mut off = 0;
+        while off < n {
+            // SAFETY: `off < bytes.len()`; a prefetch is a hint that never faults and has no
+            // effect on memory.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    p.add(off).cast(),
+                )
+            };
+            off += 64;
+        }
+        if n > 0 && n == bytes.len() {
+            // SAFETY: as above, the last byte of `bytes`.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    p.add(n - 1).cast(),
+                )
+            };
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    let _ = n;
 }
+
+/// Most bytes of one row [`prefetch`] asks for.
+const PREFETCH_BYTES: usize = 512;

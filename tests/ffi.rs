@@ -326,6 +326,63 @@ fn apply_refuses_other_views() {
     assert_eq!(cache.snapshot(), snap);
 }
 
+/// Each C enum's `ALL` lists its values 0, 1, … in order, `TryFrom<i32>` takes exactly those,
+/// and every status has its own description.
+#[test]
+fn c_enums_convert_from_their_values_only() {
+    fn check<T: Copy + PartialEq + std::fmt::Debug + TryFrom<i32, Error = i32>>(
+        all: &[T],
+        value: impl Fn(T) -> i32,
+    ) {
+        for (i, &x) in all.iter().enumerate() {
+            assert_eq!(value(x), i as i32);
+            assert_eq!(T::try_from(i as i32), Ok(x));
+        }
+        for v in [-1, all.len() as i32, i32::MAX, i32::MIN] {
+            assert_eq!(T::try_from(v), Err(v));
+        }
+    }
+    check(kvm_status::ALL, |x| x as i32);
+    check(kvm_method::ALL, |x| x as i32);
+    check(kvm_pivot::ALL, |x| x as i32);
+    check(kvm_sigma::ALL, |x| x as i32);
+    check(kvm_value_mode::ALL, |x| x as i32);
+    let text = |s: i32| {
+        // SAFETY: static strings.
+        unsafe { std::ffi::CStr::from_ptr(kvm_status_str(s)) }
+            .to_str()
+            .unwrap()
+    };
+    let mut seen: Vec<&str> = kvm_status::ALL.iter().map(|&s| text(s as i32)).collect();
+    seen.push(text(kvm_status::ALL.len() as i32));
+    assert_eq!(seen.last(), Some(&"unknown status code"));
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), kvm_status::ALL.len() + 1, "{seen:?}");
+}
+
+#[test]
+fn reads_attention_for_four_methods_with_attention_pivots() {
+    use kvm_method::*;
+    use kvm_pivot::*;
+    for &m in kvm_method::ALL {
+        let reads = !matches!(m, KVM_METHOD_CONTEXT_SHIFT | KVM_METHOD_STREAMING_LLM);
+        let attention = KVM_PIVOT_ATTENTION as i32;
+        assert_eq!(
+            kvm_method_reads_attention(m as i32, attention),
+            reads,
+            "{m:?}"
+        );
+        assert!(!kvm_method_reads_attention(
+            m as i32,
+            KVM_PIVOT_QUERY_FREE as i32
+        ));
+        assert!(!kvm_method_reads_attention(m as i32, 2));
+    }
+    assert!(!kvm_method_reads_attention(6, KVM_PIVOT_ATTENTION as i32));
+    assert!(!kvm_method_reads_attention(-1, KVM_PIVOT_ATTENTION as i32));
+}
+
 #[test]
 fn status_strings_and_info() {
     for s in -1..=11 {

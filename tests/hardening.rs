@@ -532,3 +532,55 @@ fn f7_documented_refusals_are_refused() {
         kvm_status::KVM_STATUS_OK
     );
 }
+
+/// The integration audit: a plan and its application do not depend on the number of threads
+/// (the header's promise; attention had a test, apply had none). Every method, every cache type,
+/// V stored both ways, one thread against four: the same plan and the same bytes.
+#[test]
+fn apply_does_not_depend_on_the_thread_count() {
+    let methods = [
+        kvm_method::KVM_METHOD_KVMERGER,
+        kvm_method::KVM_METHOD_CONTEXT_SHIFT,
+        kvm_method::KVM_METHOD_STREAMING_LLM,
+        kvm_method::KVM_METHOD_H2O,
+        kvm_method::KVM_METHOD_CAM,
+        kvm_method::KVM_METHOD_EVICT_FOLD,
+    ];
+    let layouts = [
+        (GgmlType::F32, GgmlType::F32, false),
+        (GgmlType::F16, GgmlType::F16, true),
+        (GgmlType::F16, GgmlType::F16, false),
+        (GgmlType::BF16, GgmlType::BF16, false),
+        (GgmlType::Q8_0, GgmlType::Q8_0, false),
+        (GgmlType::Q4_0, GgmlType::Q4_0, false),
+    ];
+    for (tk, tv, v_trans) in layouts {
+        let mut s = Shape::small(tk, tv, v_trans);
+        s.n_cells = 300;
+        let cells: Vec<u32> = (0..280).map(|i| (i * 7 + 3) % 300).collect();
+        let mut rng = Rng(5);
+        let attn: Vec<f32> = cells.iter().map(|_| rng.f32()).collect();
+        let counts: Vec<u32> = cells.iter().map(|_| 1 + rng.below(3) as u32).collect();
+        for m in methods {
+            let mut out = Vec::new();
+            for threads in [1, 4] {
+                let mut p = params(m);
+                p.n_threads = threads;
+                let ctx = Ctx::new(&p);
+                let mut cache = Cache::new(&s, 77);
+                let views = cache.views();
+                let plan = run_plan(&ctx, &views, &cells, Some(&attn), Some(&counts), 140, true)
+                    .unwrap_or_else(|st| panic!("{m:?} {tk:?}: {st:?} {}", last_error()));
+                out.push((plan, cache.snapshot()));
+            }
+            assert!(
+                out[0].0 == out[1].0,
+                "{m:?} {tk:?}/{tv:?}: the plans differ"
+            );
+            assert!(
+                out[0].1 == out[1].1,
+                "{m:?} {tk:?}/{tv:?} v_trans {v_trans}: the merged bytes differ"
+            );
+        }
+    }
+}

@@ -337,6 +337,70 @@ fn check_sqdist_f32(k: &Kernels, a: &[f32], b: &[f32]) -> Result<(), TestCaseErr
     check_reduction("sqdist_f32", k.sqdist_f32(a, b), exact, exact, a.len())
 }
 
+/// `m` rows of `n_head` heads of `d` from `a`, weights from `b`: one call against `out` zeroed
+/// and an `axpy_f32` per head and row, bit for bit, and against the scalar table.
+fn check_weighted_heads_f32(
+    k: &Kernels,
+    a: &[f32],
+    b: &[f32],
+    d: usize,
+    m: usize,
+) -> Result<(), TestCaseError> {
+    let n_head = a.len() / (m * d);
+    if n_head == 0 || b.is_empty() {
+        return Ok(());
+    }
+    let width = n_head * d;
+    let rows = &a[..m * width];
+    let w: Vec<f32> = b.iter().cycle().take(n_head * m).copied().collect();
+    let mut want = vec![0f32; width];
+    for h in 0..n_head {
+        for j in 0..m {
+            let x = &rows[j * width + h * d..j * width + (h + 1) * d];
+            k.axpy_f32(&mut want[h * d..(h + 1) * d], w[h * m + j], x);
+        }
+    }
+    for t in [k, Kernels::scalar()] {
+        let got = guarded(&vec![f32::NAN; width], 3, -1.25f32, |out| {
+            t.weighted_heads_f32(rows, d, &w, out)
+        })?;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want), "{} d {} m {}", t.name, d, m);
+    }
+    Ok(())
+}
+
+/// `m` rows of `n_head` heads of `d` from `a`: every head's squared distance to the pivot
+/// row's, against `sqdist_f32` bit for bit.
+fn check_head_sqdists_f32(k: &Kernels, a: &[f32], d: usize, m: usize) -> Result<(), TestCaseError> {
+    let n_head = a.len() / (m * d);
+    if n_head == 0 {
+        return Ok(());
+    }
+    let width = n_head * d;
+    let rows = &a[..m * width];
+    for jp in [0, m - 1] {
+        let mut got = vec![f32::NAN; n_head * m];
+        k.head_sqdists_f32(rows, width, d, jp, &mut got);
+        for h in 0..n_head {
+            let head = |j: usize| &rows[j * width + h * d..j * width + (h + 1) * d];
+            for j in 0..m {
+                prop_assert_eq!(
+                    got[h * m + j].to_bits(),
+                    k.sqdist_f32(head(jp), head(j)).to_bits(),
+                    "{} head {} row {} pivot {} d {}",
+                    k.name,
+                    h,
+                    j,
+                    jp,
+                    d
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `dst` embedded between guards, run `f` on it, check the guards, return the slice.
 fn guarded<T: Copy + PartialEq + std::fmt::Debug>(
     init: &[T],
@@ -603,6 +667,18 @@ macro_rules! simd_props {
                 fn sqdist_f32((a, b, off) in pair(arith_f32())) {
                     let Some(k) = table() else { return Ok(()) };
                     check_sqdist_f32(k, &a[off..], &b[off..])?;
+                }
+
+                #[test]
+                fn weighted_heads_f32((a, b, off) in pair(arith_f32()), d in 1usize..=80, m in 1usize..=4) {
+                    let Some(k) = table() else { return Ok(()) };
+                    check_weighted_heads_f32(k, &a[off..], &b[off..], d, m)?;
+                }
+
+                #[test]
+                fn head_sqdists_f32((a, _, off) in pair(arith_f32()), d in 1usize..=80, m in 1usize..=4) {
+                    let Some(k) = table() else { return Ok(()) };
+                    check_head_sqdists_f32(k, &a[off..], d, m)?;
                 }
 
                 #[test]

@@ -18,7 +18,7 @@ use crate::layout::{LayerGeom, RawLayer};
 use crate::merge::apply::{check_layers, merged_sets, pivot_index, set_weights, SigmaAcc};
 use crate::merge::attention::{check_bias, check_heads};
 use crate::merge::calib::Calib;
-use crate::merge::plan::{plan_with, Plan};
+use crate::merge::plan::{plan_with, Event, Plan};
 use crate::merge::scores::KeyStats;
 use crate::merge::{Method, Params, Sigma, ValueMode};
 
@@ -801,7 +801,13 @@ pub fn plan(
         max_dk: geoms.iter().map(|g| g.dk).max().unwrap_or(0) as u32,
         stream,
     };
-    plan_with(params, calib, geoms, &stats, cells, attn, counts, n_free)
+    let event = Event {
+        cells,
+        attn,
+        counts,
+        n_free,
+    };
+    plan_with(params, calib, geoms, &stats, event)
 }
 
 /// `merge::apply::apply` on a device cache: the same bytes change, computed by the kernels.

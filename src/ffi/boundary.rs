@@ -125,3 +125,49 @@ macro_rules! opt_slice {
 }
 
 pub(crate) use {opt_slice, try_mut, try_ref, try_slice, try_slice_mut};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    fn last_error() -> String {
+        // SAFETY: a NUL-terminated thread-local string, valid until the next failing call here.
+        unsafe { std::ffi::CStr::from_ptr(last_error_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    // No export can be made to panic on purpose (that would be the bug), so the guard itself is
+    // tested: a panic on the calling thread or on a rayon worker becomes KVM_STATUS_PANIC with
+    // its message, and the thread goes on.
+    #[test]
+    fn a_panic_becomes_the_panic_status() {
+        let st = guard(|| panic!("planned failure {}", 7));
+        assert_eq!(st, kvm_status::KVM_STATUS_PANIC);
+        assert!(
+            last_error().contains("planned failure 7"),
+            "{}",
+            last_error()
+        );
+
+        let st = guard(|| {
+            (0..64u32).into_par_iter().for_each(|i| {
+                if i == 41 {
+                    panic!("worker {i} failed");
+                }
+            });
+            Ok(())
+        });
+        assert_eq!(st, kvm_status::KVM_STATUS_PANIC);
+        assert!(
+            last_error().contains("worker 41 failed"),
+            "{}",
+            last_error()
+        );
+
+        assert_eq!(guard_value(-1, || -> i32 { panic!("value") }), -1);
+        assert!(last_error().contains("value"));
+        assert_eq!(guard(|| Ok(())), kvm_status::KVM_STATUS_OK);
+    }
+}

@@ -9,6 +9,35 @@
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)] // each export's contract is in its doc comment
 
+/// For a `#[repr(i32)]` C enum: `ALL`, its values in declaration order, and `TryFrom<i32>`,
+/// the one way an `int32_t` from C becomes the enum (the failed value comes back as the
+/// error). The list is written once here; the `match` below stops the build when a variant
+/// is missing from it. (cbindgen reads the enum itself, so the enum cannot come from a macro.)
+macro_rules! c_enum {
+    ($t:ident { $($v:ident),+ $(,)? }) => {
+        impl $t {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$t] = &[$($t::$v),+];
+        }
+
+        impl TryFrom<i32> for $t {
+            type Error = i32;
+            fn try_from(v: i32) -> std::result::Result<Self, i32> {
+                $t::ALL.iter().copied().find(|&x| x as i32 == v).ok_or(v)
+            }
+        }
+
+        const _: () = {
+            fn every_variant_listed(x: $t) {
+                match x {
+                    $($t::$v)|+ => {}
+                }
+            }
+            let _ = every_variant_listed;
+        };
+    };
+}
+
 mod boundary;
 pub mod cuda;
 pub mod status;
@@ -137,6 +166,27 @@ pub extern "C" fn kvm_abi_version() -> u32 {
     KVM_ABI_VERSION
 }
 
+/// Whether a host should score attention (`kvm_attn_from_queries_layers`, `kvm_attn_add_probs`)
+/// before planning with this `kvm_method` and `kvm_pivot` (the values of `kvm_params.method`
+/// and `kvm_params.pivot`), or pass `attn` = NULL to `kvm_plan_init` and skip that cost.
+///
+/// True when `pivot` is KVM_PIVOT_ATTENTION and `method` is KVM_METHOD_KVMERGER,
+/// KVM_METHOD_H2O, KVM_METHOD_CAM or KVM_METHOD_EVICT_FOLD, the methods whose plans depend on
+/// `attn`. False for KVM_METHOD_CONTEXT_SHIFT and KVM_METHOD_STREAMING_LLM, which choose by
+/// position alone (`kvm_plan_init` ignores an `attn` given with them, beyond checking it), for
+/// KVM_PIVOT_QUERY_FREE, which asks for a plan without queries (with `attn` = NULL: no heavy
+/// hitters, oldest-first eviction, pivots nearest the count-weighted mean key), and for a value
+/// that is not one of its enum's (which `kvm_ctx_init` refuses).
+#[unsafe(no_mangle)]
+pub extern "C" fn kvm_method_reads_attention(method: i32, pivot: i32) -> bool {
+    let method = kvm_method::try_from(method).map(crate::merge::Method::from);
+    let pivot = kvm_pivot::try_from(pivot);
+    matches!(
+        (method, pivot),
+        (Ok(m), Ok(kvm_pivot::KVM_PIVOT_ATTENTION)) if m.reads_attention()
+    )
+}
+
 /// Creates a context. `params` may be NULL for the defaults. On success writes a new handle
 /// to `*out` (free it with `kvm_ctx_free`); on failure `*out` is untouched.
 #[unsafe(no_mangle)]
@@ -196,7 +246,10 @@ pub unsafe extern "C" fn kvm_ctx_params(ctx: *const kvm_ctx, out: *mut kvm_param
 /// attention per window cell, or NULL (query-free pivots, oldest-first eviction).
 /// `counts[n_cells]`: tokens each cell already stands for (≥ 1), or NULL for all 1.
 /// Frees exactly `n_free` cells or fails with KVM_STATUS_BUDGET. On success `*out` is a new
-/// plan (free with `kvm_plan_free`); nothing is written to any buffer.
+/// plan (free with `kvm_plan_free`); nothing is written to any buffer. Which cells leave and
+/// which survivor each joins follow the rules under `kvm_method`; `attn` is ignored (after
+/// its check) by the methods `kvm_method_reads_attention` says read none. A plan depends only
+/// on its inputs (not on the thread count): every tie is broken by position as stated there.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvm_plan_init(
     ctx: *const kvm_ctx,
@@ -219,16 +272,13 @@ pub unsafe extern "C" fn kvm_plan_init(
         layout::validate_cells(cells, geoms[0].n_cells)?;
         // SAFETY: validated views; the caller keeps the buffers valid and unwritten during the call.
         let views = unsafe { layout::borrow(&raw, &geoms) };
-        let p = plan::plan(
-            &c.exec(),
-            &c.params,
-            c.calib.as_ref(),
-            &views,
+        let event = plan::Event {
             cells,
             attn,
             counts,
-            n_free as usize,
-        )?;
+            n_free: n_free as usize,
+        };
+        let p = plan::plan(&c.exec(), &c.params, c.calib.as_ref(), &views, event)?;
         *out = Box::into_raw(Box::new(p)) as *mut kvm_plan;
         Ok(())
     })

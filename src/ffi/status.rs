@@ -52,21 +52,45 @@ impl From<&Error> for kvm_status {
     }
 }
 
+c_enum!(kvm_status {
+    KVM_STATUS_OK,
+    KVM_STATUS_NULL_ARG,
+    KVM_STATUS_INVALID_ARG,
+    KVM_STATUS_BAD_TYPE,
+    KVM_STATUS_BAD_LAYOUT,
+    KVM_STATUS_BUDGET,
+    KVM_STATUS_UNSUPPORTED,
+    KVM_STATUS_IO,
+    KVM_STATUS_BAD_PROFILE,
+    KVM_STATUS_PANIC,
+    KVM_STATUS_MISMATCH,
+    KVM_STATUS_DEVICE,
+});
+
+impl kvm_status {
+    /// Static, NUL-terminated description.
+    pub(crate) fn describe(self) -> &'static std::ffi::CStr {
+        use kvm_status::*;
+        match self {
+            KVM_STATUS_OK => c"ok",
+            KVM_STATUS_NULL_ARG => c"a required pointer argument was NULL",
+            KVM_STATUS_INVALID_ARG => c"invalid argument",
+            KVM_STATUS_BAD_TYPE => c"unsupported ggml type",
+            KVM_STATUS_BAD_LAYOUT => {
+                c"inconsistent tensor view (shape, strides, alignment or overlap)"
+            }
+            KVM_STATUS_BUDGET => c"the window cannot free that many cells",
+            KVM_STATUS_UNSUPPORTED => c"unsupported in this build",
+            KVM_STATUS_IO => c"file i/o error",
+            KVM_STATUS_BAD_PROFILE => c"bad calibration profile",
+            KVM_STATUS_PANIC => c"internal error (panic caught)",
+            KVM_STATUS_MISMATCH => c"plan does not match these views",
+            KVM_STATUS_DEVICE => c"CUDA error",
+        }
+    }
+}
+
 /// Static, NUL-terminated description of a status code (any integer is accepted).
 pub(crate) fn status_str(code: i32) -> &'static std::ffi::CStr {
-    match code {
-        0 => c"ok",
-        1 => c"a required pointer argument was NULL",
-        2 => c"invalid argument",
-        3 => c"unsupported ggml type",
-        4 => c"inconsistent tensor view (shape, strides, alignment or overlap)",
-        5 => c"the window cannot free that many cells",
-        6 => c"unsupported in this build",
-        7 => c"file i/o error",
-        8 => c"bad calibration profile",
-        9 => c"internal error (panic caught)",
-        10 => c"plan does not match these views",
-        11 => c"CUDA error",
-        _ => c"unknown status code",
-    }
+    kvm_status::try_from(code).map_or(c"unknown status code", kvm_status::describe)
 }

@@ -128,37 +128,19 @@ pub fn weights(
     out.iter_mut().for_each(|o| *o /= sum);
 }
 
-/// `out = Σ_j w[h·m + j] · row_j` per head `h`, for `m = w.len() / n_head` member rows of
-/// `n_head · d` floats laid out one after another in `rows`; keys and values share it.
-fn weighted_rows(
-    kern: &Kernels,
-    rows: &[f32],
-    n_head: usize,
-    d: usize,
-    w: &[f32],
-    out: &mut [f32],
-) {
-    let width = n_head * d;
-    let m = w.len() / n_head;
-    out.iter_mut().for_each(|x| *x = 0.0);
-    for h in 0..n_head {
-        let o = &mut out[h * d..(h + 1) * d];
-        for j in 0..m {
-            kern.axpy_f32(
-                o,
-                w[h * m + j],
-                &rows[j * width + h * d..j * width + (h + 1) * d],
-            );
-        }
-    }
-}
-
 /// Brings back into its channel's range over the member `rows` (each `out.len()` wide) every
 /// element of `out` beyond `lim`, the largest magnitude the cache type holds. A merge is a
 /// convex combination, but weights whose sum rounds to just over 1 carry it past members at
 /// the type's maximum, where the encoder would write ±inf. On ordinary data nothing is beyond
 /// `lim`, so no bit changes; a NaN (from a NaN member) is left as it is.
 fn clamp_to_members(out: &mut [f32], rows: &[f32], lim: f32) {
+    // Almost always nothing is beyond `lim`: a branch-free test over lanes of 8 (which the
+    // compiler vectorizes) replaces a compare and branch per element.
+    let beyond = |c: &[f32]| c.iter().fold(false, |b, x| b | (x.abs() > lim));
+    let (body, rest) = out.split_at(out.len() - out.len() % 8);
+    if !body.chunks_exact(8).any(beyond) && !beyond(rest) {
+        return;
+    }
     let width = out.len();
     for (c, x) in out.iter_mut().enumerate() {
         if x.abs() > lim {
@@ -201,12 +183,7 @@ fn read_distances(
             &mut keys[j * wk..(j + 1) * wk],
         );
     }
-    for h in 0..g.n_head {
-        let head = |j: usize| &keys[j * wk + h * g.dk..j * wk + (h + 1) * g.dk];
-        for j in 0..m {
-            d2[h * m + j] = kern.sqdist_f32(head(jp), head(j));
-        }
-    }
+    kern.head_sqdists_f32(&keys[..m * wk], wk, g.dk, jp, &mut d2[..g.n_head * m]);
 }
 
 /// For `Sigma::Layer(r)`, each KV head's σ for this layer: `r` times the root-mean-square
@@ -293,6 +270,7 @@ pub fn pivot_index(plan: &Plan, sid: usize, mem: &[usize]) -> usize {
 
 /// Every head's weights of one set (`w[h·m + j]`) from its distances `d2` (same layout):
 /// [`weights`] with the set's counts and attention, σ per head for `Sigma::Layer`.
+#[allow(clippy::too_many_arguments)]
 pub fn set_weights(
     plan: &Plan,
     sigma_h: Option<&[f32]>,
@@ -377,7 +355,7 @@ fn apply_layer(
             &mut w,
         );
         if p.merge_keys {
-            weighted_rows(kern, &keys, g.n_head, g.dk, &w[..g.n_head * m], &mut out_k);
+            kern.weighted_heads_f32(&keys, g.dk, &w[..g.n_head * m], &mut out_k);
             clamp_to_members(&mut out_k, &keys[..m * wk], g.k.ty.max_finite());
             l.write_k_row(kern, pc, &out_k);
         }
@@ -389,7 +367,7 @@ fn apply_layer(
                     &mut vals[j * wv..(j + 1) * wv],
                 );
             }
-            weighted_rows(kern, &vals, g.n_head, g.dv, &w[..g.n_head * m], &mut out_v);
+            kern.weighted_heads_f32(&vals, g.dv, &w[..g.n_head * m], &mut out_v);
             clamp_to_members(&mut out_v, &vals[..m * wv], g.v.ty.max_finite());
             if p.value_mode == ValueMode::Paper {
                 out_v.iter_mut().for_each(|x| *x *= m as f32);

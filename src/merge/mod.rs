@@ -34,16 +34,26 @@ pub enum Method {
     H2o,
     /// CaM: H2O's eviction, each evicted value first folded into the following kept values.
     Cam,
-    /// Hybrid: attention decides who leaves (as H2O), each leaving cell is merged into its more
-    /// key-similar surviving neighbour with the Gaussian weights.
+    /// Hybrid: attention decides who leaves (as H2O), each run of leaving cells is merged into
+    /// its surviving neighbours with the Gaussian weights, split where the summed key
+    /// similarity is largest (`plan/evict_fold.rs`).
     EvictFold,
+}
+
+impl Method {
+    /// Whether a plan of this method depends on the attention it is given (heavy hitters, who
+    /// leaves, pivots). Context shift and StreamingLLM choose by position alone, so a host need
+    /// not score queries for them; `plan` ignores the attention they are given.
+    pub fn reads_attention(self) -> bool {
+        !matches!(self, Method::ContextShift | Method::StreamingLlm)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pivot {
     /// The member with the most accumulated attention (query-free when none is given).
     Attention,
-    /// The member nearest the set's mean key, over all layers and heads.
+    /// The member nearest the set's count-weighted mean key, over all layers and heads.
     QueryFree,
 }
 

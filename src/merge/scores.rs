@@ -138,63 +138,41 @@ pub fn pair_cos_per_layer<L: LayerRows + Sync>(
     cells: &[u32],
     pairs: &[(usize, usize)],
 ) -> Vec<Vec<f32>> {
-    // A cell usually sits in two pairs (a leaving cell with both neighbours, a survivor with
-    // the runs on both sides), so each row is decoded once per layer into a table, and each
-    // pair is then one `head_dots_f32` call on f32 rows. Widening is exact and that kernel
-    // gives `dot_f32`'s bits, which are `dot_f16`'s on the same halves, so the similarities
-    // are those of per-head dots straight from f16. The rows are scattered and cold after the
-    // model's pass, so a later row is asked for while this one is decoded.
-    let mut slot = vec![u32::MAX; cells.len()];
-    let mut uniq = Vec::new();
-    // Only second members need a stored norm: the pair's own call gives the first one's.
-    let mut second = Vec::new();
-    for &(a, b) in pairs {
-        for i in [a, b] {
-            if slot[i] == u32::MAX {
-                slot[i] = uniq.len() as u32;
-                uniq.push(i);
-                second.push(false);
-            }
-        }
-        second[slot[b] as usize] = true;
-    }
+    // The pairs come in runs that reuse a few rows (a leaving cell with both neighbours, a
+    // survivor with every cell of the run beside it), so each layer streams through them with
+    // a handful of decoded rows, the least recently used one replaced: every row is decoded
+    // about once, and nothing the size of the window is allocated or written (a table of
+    // every row in f32 cost more than the dots). A row's norms are computed the first time it
+    // is a pair's second member; the first member's come with the pair's own call. Widening
+    // is exact and `head_dots_f32` gives `dot_f32`'s bits, which are `dot_f16`'s on the same
+    // halves, so the similarities are those of per-head dots straight from f16. The rows are
+    // cold after the model's pass, so the rows of a later pair are asked for ahead.
     ex.pool.install(|| {
         layers
             .par_iter()
             .map(|l| {
                 let g = l.geom();
-                let w = g.n_head * g.dk;
-                let mut rows = vec![0f32; uniq.len() * w];
-                let mut norms = vec![0f32; uniq.len() * g.n_head];
-                let mut self_dots = vec![0f32; g.n_head];
-                for (j, ((&i, row), nr)) in uniq
-                    .iter()
-                    .zip(rows.chunks_exact_mut(w))
-                    .zip(norms.chunks_exact_mut(g.n_head))
-                    .enumerate()
-                {
-                    if let Some(&ahead) = uniq.get(j + PREFETCH_AHEAD) {
-                        l.prefetch_k_row(cells[ahead] as usize);
-                    }
-                    l.read_k_row(ex.kern, cells[i] as usize, row);
-                    if second[j] {
-                        ex.kern.head_dots_f32(row, row, g.dk, &mut self_dots, nr);
-                    }
-                }
+                let mut rows = RowCache::new(g.n_head * g.dk, g.n_head);
                 let mut dots = vec![0f32; g.n_head];
                 let mut na = vec![0f32; g.n_head];
                 pairs
                     .iter()
-                    .map(|&(a, b)| {
-                        let (sa, sb) = (slot[a] as usize, slot[b] as usize);
-                        ex.kern.head_dots_f32(
-                            &rows[sa * w..(sa + 1) * w],
-                            &rows[sb * w..(sb + 1) * w],
-                            g.dk,
-                            &mut dots,
-                            &mut na,
-                        );
-                        let nb = &norms[sb * g.n_head..(sb + 1) * g.n_head];
+                    .enumerate()
+                    .map(|(k, &(a, b))| {
+                        if let Some(&(fa, fb)) = pairs.get(k + PREFETCH_AHEAD) {
+                            let (pa, pb) = pairs[k + PREFETCH_AHEAD - 1];
+                            if fa != pa && fa != pb {
+                                l.prefetch_k_row(cells[fa] as usize);
+                            }
+                            if fb != pa && fb != pb {
+                                l.prefetch_k_row(cells[fb] as usize);
+                            }
+                        }
+                        let sa = rows.get(ex.kern, l, cells, a, false);
+                        let sb = rows.get(ex.kern, l, cells, b, true);
+                        ex.kern
+                            .head_dots_f32(rows.row(sa), rows.row(sb), g.dk, &mut dots, &mut na);
+                        let nb = rows.norms(sb);
                         (0..g.n_head)
                             .map(|h| cosine(dots[h], na[h], nb[h]))
                             .sum::<f32>()
@@ -216,6 +194,87 @@ pub fn pair_sims_from(per_layer: &[Vec<f32>], heads: &[usize]) -> Vec<f32> {
     }
     out.iter_mut().for_each(|v| *v /= heads);
     out
+}
+
+/// A few decoded key rows of one layer, by window index, with each head's squared norm once
+/// asked for; the least recently used row is replaced.
+struct RowCache {
+    w: usize,
+    n_head: usize,
+    rows: Vec<f32>,
+    norms: Vec<f32>,
+    /// Per slot: window index held (`usize::MAX`: none), norms computed, last use.
+    tag: [usize; ROW_SLOTS],
+    normed: [bool; ROW_SLOTS],
+    used: [u64; ROW_SLOTS],
+    clock: u64,
+}
+
+/// Rows a [`RowCache`] holds: a pair's two, the run's other neighbour, and one to spare.
+const ROW_SLOTS: usize = 4;
+
+impl RowCache {
+    fn new(w: usize, n_head: usize) -> RowCache {
+        RowCache {
+            w,
+            n_head,
+            rows: vec![0f32; ROW_SLOTS * w],
+            norms: vec![0f32; ROW_SLOTS * n_head],
+            tag: [usize::MAX; ROW_SLOTS],
+            normed: [false; ROW_SLOTS],
+            used: [0; ROW_SLOTS],
+            clock: 0,
+        }
+    }
+
+    /// The slot holding window cell `i`'s key, decoded if it is not held, with its norms when
+    /// `norms`.
+    fn get<L: LayerRows>(
+        &mut self,
+        kern: &Kernels,
+        l: &L,
+        cells: &[u32],
+        i: usize,
+        norms: bool,
+    ) -> usize {
+        self.clock += 1;
+        let s = match self.tag.iter().position(|&t| t == i) {
+            Some(s) => s,
+            None => {
+                let s = (0..ROW_SLOTS).min_by_key(|&s| self.used[s]).expect("slots");
+                l.read_k_row(
+                    kern,
+                    cells[i] as usize,
+                    &mut self.rows[s * self.w..(s + 1) * self.w],
+                );
+                self.tag[s] = i;
+                self.normed[s] = false;
+                s
+            }
+        };
+        self.used[s] = self.clock;
+        if norms && !self.normed[s] {
+            let (row, nr) = (
+                &self.rows[s * self.w..(s + 1) * self.w],
+                &mut self.norms[s * self.n_head..(s + 1) * self.n_head],
+            );
+            // `dot_f32` per head: the bits `head_dots_f32` gives as a row's own norms.
+            let dk = self.w / self.n_head;
+            for (h, n) in nr.iter_mut().enumerate() {
+                *n = kern.dot_f32(&row[h * dk..(h + 1) * dk], &row[h * dk..(h + 1) * dk]);
+            }
+            self.normed[s] = true;
+        }
+        s
+    }
+
+    fn row(&self, s: usize) -> &[f32] {
+        &self.rows[s * self.w..(s + 1) * self.w]
+    }
+
+    fn norms(&self, s: usize) -> &[f32] {
+        &self.norms[s * self.n_head..(s + 1) * self.n_head]
+    }
 }
 
 /// For each set (a list of window indices with their token counts), the squared distance of

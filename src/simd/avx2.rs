@@ -47,7 +47,9 @@ pub(crate) fn table() -> Option<&'static Kernels> {
         softmax_acc: softmax_acc_avx2,
         dot_f16: dot_f16_avx2,
         sqdist_f32: sqdist_f32_avx2,
+        head_sqdists_f32: head_sqdists_f32_avx2,
         axpy_f32: axpy_f32_avx2,
+        weighted_heads_f32: weighted_heads_f32_avx2,
         f16_to_f32: f16_to_f32_avx2,
         f32_to_f16: f32_to_f16_avx2,
         bf16_to_f32: bf16_to_f32_avx2,
@@ -158,7 +160,9 @@ pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
     sumf
 }
 
-/// [`scalar::head_dots_body`] on [`dot_f32_avx2`], inlined under this entry's features.
+/// [`scalar::head_dots_body`]'s results with both dots of a head in one loop: each keeps
+/// `dot_f32_avx2`'s accumulators, reduction and leftovers, so the bits are the same, but the
+/// two chains of fused multiply-adds overlap instead of waiting on each other.
 ///
 /// # Safety
 /// The CPU supports AVX2, FMA and F16C.
@@ -170,8 +174,40 @@ pub(crate) unsafe fn head_dots_f32_avx2(
     dot: &mut [f32],
     nx: &mut [f32],
 ) {
-    // SAFETY: the caller guarantees the features `dot_f32_avx2` needs.
-    scalar::head_dots_body(x, y, dk, dot, nx, |a, b| unsafe { dot_f32_avx2(a, b) });
+    if dk < EPR {
+        // SAFETY: the caller guarantees the features `dot_f32_avx2` needs.
+        scalar::head_dots_body(x, y, dk, dot, nx, |a, b| unsafe { dot_f32_avx2(a, b) });
+        return;
+    }
+    let np = dk & !(STEP - 1);
+    for (h, (d, n)) in dot.iter_mut().zip(nx.iter_mut()).enumerate() {
+        let (xh, yh) = (&x[h * dk..(h + 1) * dk], &y[h * dk..(h + 1) * dk]);
+        let (px, py) = (xh.as_ptr(), yh.as_ptr());
+        // SAFETY: features by the caller; every load reads i + j*EPR .. +EPR <= np <= dk
+        // elements of the head, unaligned.
+        let (mut sd, mut sn) = unsafe {
+            let mut ad = [_mm256_setzero_ps(); ARR];
+            let mut an = [_mm256_setzero_ps(); ARR];
+            let mut i = 0;
+            while i < np {
+                for j in 0..ARR {
+                    let o = i + j * EPR;
+                    let vx = _mm256_loadu_ps(px.add(o));
+                    ad[j] = _mm256_fmadd_ps(vx, _mm256_loadu_ps(py.add(o)), ad[j]);
+                    an[j] = _mm256_fmadd_ps(vx, vx, an[j]);
+                }
+                i += STEP;
+            }
+            (reduce(ad), reduce(an))
+        };
+        // leftovers
+        for i in np..dk {
+            sd = xh[i].mul_add(yh[i], sd);
+            sn = xh[i].mul_add(xh[i], sn);
+        }
+        *d = sd;
+        *n = sn;
+    }
 }
 
 /// One block of `MQ` queries × `NV`·8 keys of [`qk_t_f32_avx2`]: query rows `r0..`, panel
@@ -411,6 +447,76 @@ pub(crate) unsafe fn axpy_f32_avx2(y: &mut [f32], a: f32, x: &[f32]) {
     for i in np..n {
         y[i] = a.mul_add(x[i], y[i]);
     }
+}
+
+/// [`scalar::weighted_heads_body`]'s results with each block of 32 outputs kept in registers
+/// over all members: the same fused multiply-add per element and member, in member order from
+/// zero, as `axpy_f32_avx2` on a zeroed `out` (bit-identical), without loading and storing
+/// `out` once per member.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn weighted_heads_f32_avx2(rows: &[f32], d: usize, w: &[f32], out: &mut [f32]) {
+    let width = out.len();
+    let n_head = width / d;
+    let m = w.len() / n_head;
+    if d < EPR {
+        // SAFETY: the caller guarantees the features `axpy_f32_avx2` needs.
+        scalar::weighted_heads_body(rows, d, w, out, |y, a, x| unsafe { axpy_f32_avx2(y, a, x) });
+        return;
+    }
+    let np = d & !(STEP - 1);
+    let (pr, po) = (rows.as_ptr(), out.as_mut_ptr());
+    for h in 0..n_head {
+        let wh = &w[h * m..(h + 1) * m];
+        // SAFETY: features by the caller; loads read row j's head h at i + k*EPR .. +EPR <=
+        // np <= d (rows holds m rows of `width`, the wrapper checked), stores write `out`'s
+        // head h likewise; unaligned.
+        unsafe {
+            let mut i = 0;
+            while i < np {
+                let mut acc = [_mm256_setzero_ps(); ARR];
+                for (j, &wj) in wh.iter().enumerate() {
+                    let vw = _mm256_set1_ps(wj);
+                    let src = pr.add(j * width + h * d + i);
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(vw, _mm256_loadu_ps(src.add(k * EPR)), *a);
+                    }
+                }
+                for (k, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(po.add(h * d + i + k * EPR), *a);
+                }
+                i += STEP;
+            }
+        }
+        // leftovers
+        for i in np..d {
+            let mut s = 0f32;
+            for (j, &wj) in wh.iter().enumerate() {
+                s = wj.mul_add(rows[j * width + h * d + i], s);
+            }
+            out[h * d + i] = s;
+        }
+    }
+}
+
+/// [`scalar::head_sqdists_body`] on [`sqdist_f32_avx2`], inlined under this entry's features.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn head_sqdists_f32_avx2(
+    rows: &[f32],
+    width: usize,
+    d: usize,
+    jp: usize,
+    d2: &mut [f32],
+) {
+    // SAFETY: the caller guarantees the features `sqdist_f32_avx2` needs.
+    scalar::head_sqdists_body(rows, width, d, jp, d2, |a, b| unsafe {
+        sqdist_f32_avx2(a, b)
+    });
 }
 
 /// f16 bit patterns to f32, exact (`vcvtph2ps`; a signalling NaN comes out quiet, as in `half`).

@@ -179,6 +179,9 @@ type SoftmaxAcc = unsafe fn(&mut [f32], f32, Option<&[f32]>, &mut [f32]);
 /// `(x, y, dk, dot, nx)`, see [`Kernels::head_dots_f32`].
 type HeadDots = unsafe fn(&[f32], &[f32], usize, &mut [f32], &mut [f32]);
 
+/// `(rows, width, d, jp, d2)`, see [`Kernels::head_sqdists_f32`].
+type HeadSqdists = unsafe fn(&[f32], usize, usize, usize, &mut [f32]);
+
 /// Function pointers of one implementation. The pointers are `unsafe fn` because the ISA
 /// versions carry `#[target_feature]`; a table is only constructed after its features were
 /// detected, which is what makes the safe wrappers below sound.
@@ -192,7 +195,9 @@ pub struct Kernels {
     softmax_acc: SoftmaxAcc,
     dot_f16: unsafe fn(&[u16], &[u16]) -> f32,
     sqdist_f32: unsafe fn(&[f32], &[f32]) -> f32,
+    head_sqdists_f32: HeadSqdists,
     axpy_f32: unsafe fn(&mut [f32], f32, &[f32]),
+    weighted_heads_f32: unsafe fn(&[f32], usize, &[f32], &mut [f32]),
     f16_to_f32: unsafe fn(&[u16], &mut [f32]),
     f32_to_f16: unsafe fn(&[f32], &mut [u16]),
     bf16_to_f32: unsafe fn(&[u16], &mut [f32]),
@@ -211,7 +216,9 @@ impl Kernels {
             softmax_acc: scalar::softmax_acc_scalar,
             dot_f16: scalar::dot_f16_scalar,
             sqdist_f32: scalar::sqdist_f32_scalar,
+            head_sqdists_f32: scalar::head_sqdists_f32_scalar,
             axpy_f32: scalar::axpy_f32_scalar,
+            weighted_heads_f32: scalar::weighted_heads_f32_scalar,
             f16_to_f32: scalar::f16_to_f32_scalar,
             f32_to_f16: scalar::f32_to_f16_scalar,
             bf16_to_f32: scalar::bf16_to_f32_scalar,
@@ -338,6 +345,52 @@ impl Kernels {
         assert_eq!(a.len(), b.len());
         // SAFETY: as in `dot_f32`.
         unsafe { (self.sqdist_f32)(a, b) }
+    }
+
+    /// For `m = rows.len() / width` rows of `width = n_head·d` and each head `h` and row `j`:
+    /// `d2[h·m + j] = Σ (rows_jp,h − rows_j,h)²`, bit for bit [`Self::sqdist_f32`] on the two
+    /// heads, in one call.
+    #[inline]
+    pub fn head_sqdists_f32(
+        &self,
+        rows: &[f32],
+        width: usize,
+        d: usize,
+        jp: usize,
+        d2: &mut [f32],
+    ) {
+        assert!(
+            d > 0 && width % d == 0,
+            "width is not whole heads of d = {d}"
+        );
+        assert!(
+            width > 0 && rows.len() % width == 0,
+            "rows are not whole rows"
+        );
+        let m = rows.len() / width;
+        assert!(jp < m, "pivot row {jp} of {m}");
+        assert_eq!(d2.len(), m * (width / d));
+        // SAFETY: as in `dot_f32`; the shapes were checked above.
+        unsafe { (self.head_sqdists_f32)(rows, width, d, jp, d2) }
+    }
+
+    /// Per head `h` (of `d`) of `out`: `out_h = Σ_j w[h·m + j] · rows_j,h` over the
+    /// `m = w.len() / n_head` rows of `rows`, each `out.len()` wide; bit for bit `out` zeroed
+    /// and one [`Self::axpy_f32`] per head and row, rows in order.
+    #[inline]
+    pub fn weighted_heads_f32(&self, rows: &[f32], d: usize, w: &[f32], out: &mut [f32]) {
+        assert!(
+            d > 0 && out.len() % d == 0,
+            "out is not whole heads of d = {d}"
+        );
+        let n_head = out.len() / d;
+        assert!(n_head > 0 && w.len() % n_head == 0, "w is not whole heads");
+        assert!(
+            rows.len() >= w.len() / n_head * out.len(),
+            "fewer rows than weights"
+        );
+        // SAFETY: as in `dot_f32`; the shapes were checked above.
+        unsafe { (self.weighted_heads_f32)(rows, d, w, out) }
     }
 
     /// y += a·x.

@@ -46,7 +46,9 @@ pub(crate) fn table() -> Option<&'static Kernels> {
         softmax_acc: softmax_acc_neon,
         dot_f16: dot_f16_neon,
         sqdist_f32: sqdist_f32_neon,
+        head_sqdists_f32: head_sqdists_f32_neon,
         axpy_f32: axpy_f32_neon,
+        weighted_heads_f32: weighted_heads_f32_neon,
         f16_to_f32: f16_to_f32_neon,
         f32_to_f16: f32_to_f16_neon,
         bf16_to_f32: bf16_to_f32_neon,
@@ -550,4 +552,32 @@ pub(crate) unsafe fn f32_to_bf16_neon(src: &[f32], dst: &mut [u16]) {
     for i in np..n {
         dst[i] = scalar::f32_to_bf16_one(src[i]);
     }
+}
+
+/// [`scalar::weighted_heads_body`] on [`axpy_f32_neon`], inlined under this entry's features.
+///
+/// # Safety
+/// The CPU supports NEON (the aarch64 baseline).
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn weighted_heads_f32_neon(rows: &[f32], d: usize, w: &[f32], out: &mut [f32]) {
+    // SAFETY: the caller guarantees the features `axpy_f32_neon` needs.
+    scalar::weighted_heads_body(rows, d, w, out, |y, a, x| unsafe { axpy_f32_neon(y, a, x) });
+}
+
+/// [`scalar::head_sqdists_body`] on [`sqdist_f32_neon`], inlined under this entry's features.
+///
+/// # Safety
+/// The CPU supports NEON (the aarch64 baseline).
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn head_sqdists_f32_neon(
+    rows: &[f32],
+    width: usize,
+    d: usize,
+    jp: usize,
+    d2: &mut [f32],
+) {
+    // SAFETY: the caller guarantees the features `sqdist_f32_neon` needs.
+    scalar::head_sqdists_body(rows, width, d, jp, d2, |a, b| unsafe {
+        sqdist_f32_neon(a, b)
+    });
 }

@@ -35,6 +35,77 @@ pub(crate) fn head_dots_body(
     }
 }
 
+/// `out`, `n_head = out.len() / d` heads of `d`, gets per head `h` the weighted sum
+/// `Σ_j w[h·m + j] · rows[j·W + h·d ..]` of the `m = w.len() / n_head` member rows of `rows`
+/// (`W = out.len()` wide each): `out` zeroed, then one `axpy` per member in member order, so
+/// every element is the same chain of fused multiply-adds whatever the table.
+#[inline(always)]
+pub(crate) fn weighted_heads_body(
+    rows: &[f32],
+    d: usize,
+    w: &[f32],
+    out: &mut [f32],
+    axpy: impl Fn(&mut [f32], f32, &[f32]),
+) {
+    let width = out.len();
+    let n_head = width / d;
+    let m = w.len() / n_head;
+    out.iter_mut().for_each(|x| *x = 0.0);
+    for h in 0..n_head {
+        let o = &mut out[h * d..(h + 1) * d];
+        for j in 0..m {
+            axpy(
+                o,
+                w[h * m + j],
+                &rows[j * width + h * d..j * width + (h + 1) * d],
+            );
+        }
+    }
+}
+
+/// `d2[h·m + j] = sqdist(rows_jp_h, rows_j_h)` for every head `h` (of `d`) and member `j` of
+/// the `m = rows.len() / width` rows, each by the table's own `sqdist`.
+#[inline(always)]
+pub(crate) fn head_sqdists_body(
+    rows: &[f32],
+    width: usize,
+    d: usize,
+    jp: usize,
+    d2: &mut [f32],
+    sqdist: impl Fn(&[f32], &[f32]) -> f32,
+) {
+    let m = rows.len() / width;
+    let n_head = width / d;
+    for h in 0..n_head {
+        let head = |j: usize| &rows[j * width + h * d..j * width + (h + 1) * d];
+        for j in 0..m {
+            d2[h * m + j] = sqdist(head(jp), head(j));
+        }
+    }
+}
+
+/// [`weighted_heads_body`] on [`axpy_f32_scalar`].
+pub(crate) unsafe fn weighted_heads_f32_scalar(rows: &[f32], d: usize, w: &[f32], out: &mut [f32]) {
+    // SAFETY: the scalar kernel has no precondition.
+    weighted_heads_body(rows, d, w, out, |y, a, x| unsafe {
+        axpy_f32_scalar(y, a, x)
+    });
+}
+
+/// [`head_sqdists_body`] on [`sqdist_f32_scalar`].
+pub(crate) unsafe fn head_sqdists_f32_scalar(
+    rows: &[f32],
+    width: usize,
+    d: usize,
+    jp: usize,
+    d2: &mut [f32],
+) {
+    // SAFETY: the scalar kernel has no precondition.
+    head_sqdists_body(rows, width, d, jp, d2, |a, b| unsafe {
+        sqdist_f32_scalar(a, b)
+    });
+}
+
 /// [`head_dots_body`] on [`dot_f32_scalar`].
 pub(crate) unsafe fn head_dots_f32_scalar(
     x: &[f32],

@@ -71,6 +71,9 @@ int main(void) {
     p.n_threads = 2;
     kvm_ctx *ctx = NULL;
     CHECK(kvm_ctx_init(&p, &ctx) == KVM_STATUS_OK && ctx != NULL);
+    /* The defaults (EVICT_FOLD, attention pivots) read attention; context shift never does. */
+    CHECK(kvm_method_reads_attention(p.method, p.pivot));
+    CHECK(!kvm_method_reads_attention(KVM_METHOD_CONTEXT_SHIFT, KVM_PIVOT_ATTENTION));
 
     /* The window: all cells, position order = cell order reversed, to exercise the mapping. */
     uint32_t cells[N_CELLS];

@@ -367,6 +367,26 @@ int main(int argc, char ** argv) {
         const auto fk = freed_by(lk, rk);
         const auto fd = freed_by(ld, rd);
         freed_by(l1, r1);
+        // the default method reads the attention of the queries the ring kept while `first` was decoded: it
+        // frees other cells than the same method without them (query-free), and not simply the oldest ones
+        // (which is what it falls back to when the ring is empty, e.g. broken)
+        {
+            llama_kv_merge_params da = llama_kv_merge_default_params();
+            llama_kv_merge_params dq = llama_kv_merge_default_params();
+            dq.use_attn = false;
+            int32_t ra = 0, rq = 0;
+            const auto fa_ = freed_by(da, ra);
+            const auto fq_ = freed_by(dq, rq);
+            std::vector<llama_pos> oldest;
+            for (llama_pos p = 8; p < 48; ++p) {
+                oldest.push_back(p); // after the window's 4 sinks (the window starts at 4)
+            }
+            check(ra == 40 && rq == 40 && fa_ != fq_ && fa_ != oldest,
+                    fmt("[%s] the default method frees by the attention of the kept queries", tag).c_str(),
+                    fmt("returned %d/%d; with attention vs query-free %s, vs the oldest cells %s", ra, rq,
+                        fa_ != fq_ ? "differ" : "SAME", fa_ != oldest ? "differ" : "SAME"));
+        }
+
         check(rf == 40 && rk == 40 && rd == 40 && ff == fk && ff != fd && r1 == -2,
                 fmt("[%s] llama fields age_bias/max_set/use_attn = the same kvm_params; max_set 1 refused (-2)", tag).c_str(),
                 fmt("returned %d/%d/%d/%d, fields vs kvm_params %s, vs defaults %s", rf, rk, rd, r1,
@@ -421,6 +441,59 @@ int main(int argc, char ** argv) {
         check(rp == 20 && rc == 20 && !by_pass.empty() && by_pass == by_cell && pmax1 == 99,
                 fmt("[%s] closing up positions in one pass = cell by cell (cells past the window shared)", tag).c_str(),
                 fmt("returned %d/%d, states %s, seq 1 pos_max %d", rp, rc, by_pass == by_cell ? "same" : "differ", pmax1));
+
+        // one unified cache, two sequences: a K-shift pending on seq 0's cells does not stop a merge of
+        // seq 1 (llama-server --kv-unified: two slots compressing in the same iteration), and seq 1 ends
+        // up as it would alone
+        {
+            std::vector<uint8_t> together, alone;
+            int32_t r0 = 0, r1b = 0, r1a = 0;
+            for (const bool both : { true, false }) {
+                llama_context * c = make_ctx(model, fa, 2);
+                std::vector<llama_token> half(prompt.begin(), prompt.begin() + 100);
+                decode(c, half, 0, 1);
+                if (both) {
+                    std::vector<llama_token> other(prompt.begin() + 100, prompt.begin() + 200);
+                    decode(c, other, 0, 0);
+                    r0 = llama_memory_seq_merge(c, 0, 4, 100, 20, nullptr, nullptr);
+                }
+                (both ? r1b : r1a) = llama_memory_seq_merge(c, 1, 4, 100, 20, nullptr, nullptr);
+                decode(c, {prompt[150]}, 80, 1); // applies the K-shifts
+                (both ? together : alone) = get_state(c, 1);
+                llama_free(c);
+            }
+            check(r0 == 20 && r1b == 20 && r1a == 20 && !alone.empty() && together == alone,
+                    fmt("[%s] unified cache: seq 1 merges while seq 0's K-shift is pending, as it would alone", tag).c_str(),
+                    fmt("seq 0 %d, seq 1 %d (alone %d), states %s", r0, r1b, r1a, together == alone ? "same" : "differ"));
+        }
+
+        // pinned positions: never freed, the rest of the window frees n_free; unsorted pins are refused
+        {
+            llama_context * c = make_ctx(model, fa);
+            decode(c, first, 0);
+            std::vector<llama_pos> pins;
+            for (llama_pos p = 10; p < 120; p += 9) {
+                pins.push_back(p);
+            }
+            llama_kv_merge_params mp = llama_kv_merge_default_params();
+            mp.pinned   = pins.data();
+            mp.n_pinned = (int32_t) pins.size();
+            std::vector<llama_pos> freed(60, -1);
+            const int32_t rpin = llama_memory_seq_merge(c, 0, 4, 120, 60, &mp, freed.data());
+            bool none_pinned = true;
+            for (llama_pos p : freed) {
+                none_pinned = none_pinned && !std::binary_search(pins.begin(), pins.end(), p);
+            }
+            std::vector<llama_pos> unsorted = { 30, 20 };
+            mp.pinned   = unsorted.data();
+            mp.n_pinned = 2;
+            decode(c, {prompt[120]}, 60);
+            const int32_t rbad = llama_memory_seq_merge(c, 0, 4, 60, 5, &mp, nullptr);
+            check(rpin == 60 && none_pinned && rbad == -2,
+                    fmt("[%s] pinned positions are never freed; unsorted pins are refused", tag).c_str(),
+                    fmt("returned %d (%s), unsorted %d", rpin, none_pinned ? "no pinned position freed" : "a pinned position freed", rbad));
+            llama_free(c);
+        }
 
         // bad arguments (after a decode, so that no K-shift is pending)
         decode(ctx, {prompt[120]}, 100);
