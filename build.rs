@@ -38,4 +38,44 @@ fn main() {
     if let Err(e) = b.try_compile("kvmerger_cuda") {
         panic!("the `cuda` feature needs nvcc (set NVCC or CUDA_PATH): {e}");
     }
+    // cc looks for libcudart_static.a only in a full toolkit's layout; the PyPI wheels
+    // (nvidia-cuda-runtime) put it in <root>/lib, which cc does not search.
+    for root in cuda_roots() {
+        for sub in [
+            "lib",
+            "lib64",
+            "targets/x86_64-linux/lib",
+            "targets/sbsa-linux/lib",
+        ] {
+            let d = root.join(sub);
+            if d.join("libcudart_static.a").is_file() {
+                println!("cargo:rustc-link-search=native={}", d.display());
+            }
+        }
+    }
+}
+
+/// Where the toolkit may be: CUDA_PATH, and the directory above the nvcc that cc runs.
+fn cuda_roots() -> Vec<std::path::PathBuf> {
+    let mut roots = Vec::new();
+    if let Some(p) = std::env::var_os("CUDA_PATH") {
+        roots.push(std::path::PathBuf::from(p));
+    }
+    let nvcc = std::env::var_os("NVCC")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join("nvcc"))
+                    .find(|p| p.is_file())
+            })
+        });
+    if let Some(root) = nvcc
+        .as_deref()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+    {
+        roots.push(root.to_path_buf());
+    }
+    roots
 }

@@ -284,6 +284,7 @@ fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
 /// threads: plan, apply and memcpy timed in turn `reps` times (after one run left out), and
 /// each of plan, apply and the whole pass given as its speed over memcpy's in the same turn.
 /// Returns the median plan and apply times in ms, and the traffic.
+#[allow(clippy::too_many_arguments)]
 fn throughput(
     s: &'static Shape,
     method: kvm_method,

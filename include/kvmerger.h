@@ -53,6 +53,8 @@ enum kvm_status
   KVM_STATUS_PANIC = 9,
   // A plan was applied to views that differ from those it was made on.
   KVM_STATUS_MISMATCH = 10,
+  // A CUDA call or kernel failed; after an error the CUDA context may be unusable.
+  KVM_STATUS_DEVICE = 11,
 };
 #ifndef __cplusplus
 typedef int32_t kvm_status;
@@ -348,7 +350,8 @@ const char *kvm_last_error(void);
 // Name of the kernel table this CPU uses: "avx2", "neon" or "scalar". Static string.
 const char *kvm_kernels_name(void);
 
-// Whether this build has CUDA kernels (the `cuda` feature). The header is the same either way.
+// Whether this build has CUDA kernels (the `cuda` feature): whether the `kvm_cuda_*` entry
+// points can run rather than return KVM_STATUS_UNSUPPORTED. The header is the same either way.
 bool kvm_has_cuda(void);
 
 // The ABI version this library was built with (`KVM_ABI_VERSION`).
@@ -492,6 +495,59 @@ kvm_status kvm_calib_load(const char *path, struct kvm_calib **out);
 // Makes link scoring use a copy of `calib` (NULL: back to plain mean cosine). Must not run
 // concurrently with other calls on the same ctx.
 kvm_status kvm_ctx_set_calib(struct kvm_ctx *ctx, const struct kvm_calib *calib);
+
+// `kvm_attn_from_queries_layers` with the keys and the query rows on the device.
+//
+// `queries[l].q` points to layer `l`'s query ring in device memory (f32, `n_head ·
+// n_embd_head_k` per row); the rows used are `q_sel[0..n_q]` (host array of ring row
+// indices) or, with `q_sel` NULL, rows `0..n_q`. `cells`, `bias` and `attn` are host arrays
+// as in the host function; `attn` gets the same sums (within f32 rounding: the order of the
+// additions differs) and is written only on success. A non-finite query or key gives
+// KVM_STATUS_INVALID_ARG, found on the device before `attn` is written. Every K view and
+// query ring must be memory of one CUDA device, else KVM_STATUS_INVALID_ARG before any
+// kernel runs. Kernel or runtime failures give KVM_STATUS_DEVICE.
+kvm_status kvm_cuda_attn_from_queries_layers(const struct kvm_ctx *ctx,
+                                             const struct kvm_layer_view *layers,
+                                             const struct kvm_query_rows *queries,
+                                             size_t n_layers,
+                                             const uint32_t *q_sel,
+                                             uint32_t n_q,
+                                             const uint32_t *cells,
+                                             size_t n_cells,
+                                             const float *bias,
+                                             float *attn,
+                                             void *stream);
+
+// `kvm_plan_init` on a device cache: the link scores, neighbour similarities and query-free
+// pivots come from kernels; the plan is made on the host by the same code and is an ordinary
+// `kvm_plan` (`kvm_plan_get`, `kvm_plan_free`). `cells`, `attn` and `counts` are host arrays.
+// The layers' K and V must be memory of one CUDA device (KVM_STATUS_INVALID_ARG otherwise);
+// kernel or runtime failures give KVM_STATUS_DEVICE, `*out` untouched. The ctx keeps the
+// device scratch of all three `kvm_cuda_*` calls (grown to the largest event, freed by
+// `kvm_ctx_free`); calls on one ctx from several threads take turns on it.
+kvm_status kvm_cuda_plan_init(const struct kvm_ctx *ctx,
+                              const struct kvm_layer_view *layers,
+                              size_t n_layers,
+                              const uint32_t *cells,
+                              size_t n_cells,
+                              const float *attn,
+                              const uint32_t *counts,
+                              uint32_t n_free,
+                              void *stream,
+                              struct kvm_plan **out);
+
+// `kvm_plan_apply` on a device cache: the kernels write exactly the rows the host function
+// writes (merged survivors' K and V, CaM's folded values), in place; the bytes of every other
+// row stay as they were. Values agree with the host function's within the cache type's
+// rounding (q8_0/q4_0: within a quantum). A plan from either `kvm_plan_init` or
+// `kvm_cuda_plan_init` applies, on layers of the same types, shapes and strides
+// (KVM_STATUS_MISMATCH otherwise, nothing written). Every check runs before the first kernel;
+// kernel or runtime failures give KVM_STATUS_DEVICE (the rows may then be partly written).
+kvm_status kvm_cuda_plan_apply(const struct kvm_ctx *ctx,
+                               const struct kvm_plan *plan,
+                               const struct kvm_layer_view *layers,
+                               size_t n_layers,
+                               void *stream);
 
 #ifdef __cplusplus
 }  // extern "C"

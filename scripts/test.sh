@@ -30,6 +30,9 @@ python3 tests/eval_ci.py
 say "SIMD property tests built with AVX2/FMA/F16C enabled at compile time"
 RUSTFLAGS="-C target-feature=+avx2,+fma,+f16c" CARGO_TARGET_DIR=target/avx2 cargo test --quiet --test simd_props
 
+say "CUDA: --features cuda builds for sm_80 and sm_90 (nvcc from PyPI); same C API either way"
+scripts/test-cuda-build.sh
+
 if [ "${KVM_TEST_QUICK:-0}" != 1 ]; then
     say "aarch64 (NEON) under qemu"
     scripts/test-aarch64.sh --quiet

@@ -25,6 +25,8 @@ pub enum Error {
     BadProfile(String),
     /// A plan was applied to views whose shapes differ from those it was planned on.
     Mismatch(String),
+    /// A CUDA call or kernel failed (launch, copy, allocation, or an error a kernel left).
+    Device(String),
     /// An internal bug was caught at the boundary.
     Panic(String),
 }
@@ -48,6 +50,7 @@ impl fmt::Display for Error {
             Error::Io(m) => write!(f, "i/o error: {m}"),
             Error::BadProfile(m) => write!(f, "bad calibration profile: {m}"),
             Error::Mismatch(m) => write!(f, "plan does not match these views: {m}"),
+            Error::Device(m) => write!(f, "CUDA error: {m}"),
             Error::Panic(m) => write!(f, "internal error (panic caught): {m}"),
         }
     }

@@ -741,3 +741,64 @@ fn attention_from_queries_matches_f64_softmax() {
         }
     }
 }
+
+/// The device entry points check their arguments in every build; then a build without the
+/// `cuda` feature refuses with UNSUPPORTED, and one with it refuses host buffers (or says
+/// there is no device). Nothing is written either way.
+#[test]
+fn device_entry_points_refuse_what_they_cannot_do() {
+    let s = Shape::small(GgmlType::F16, GgmlType::F16, false);
+    let mut c = Cache::new(&s, 3);
+    let views = c.views();
+    let snap = c.snapshot();
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_EVICT_FOLD));
+    let cells: Vec<u32> = (0..s.n_cells as u32).collect();
+    let want = if !cfg!(feature = "cuda") {
+        kvm_status::KVM_STATUS_UNSUPPORTED
+    } else if kvmerger::cuda::available() {
+        kvm_status::KVM_STATUS_INVALID_ARG // host memory given to the device path
+    } else {
+        kvm_status::KVM_STATUS_DEVICE
+    };
+    let init = |ctx, views: &[kvm_layer_view]| Plan::init_cuda(ctx, views, &cells, None, 8).err();
+    assert_eq!(init(null(), &views), Some(kvm_status::KVM_STATUS_NULL_ARG));
+    assert_eq!(init(ctx.0, &views), Some(want), "{}", last_error());
+    let mut bad = views.clone();
+    bad[0].k.r#type = 99;
+    assert_eq!(init(ctx.0, &bad), Some(kvm_status::KVM_STATUS_BAD_TYPE));
+    let q: Vec<f32> = vec![0.5; 2 * s.n_head * s.dk];
+    let rows: Vec<kvm_query_rows> = (0..s.n_layers)
+        .map(|_| kvm_query_rows {
+            q: q.as_ptr(),
+            n_head: s.n_head as u32,
+            kq_scale: 0.125,
+        })
+        .collect();
+    let mut attn = vec![3f32; cells.len()];
+    // SAFETY: host arrays valid for the call.
+    let st = unsafe {
+        kvm_cuda_attn_from_queries_layers(
+            ctx.0,
+            views.as_ptr(),
+            rows.as_ptr(),
+            views.len(),
+            null(),
+            2,
+            cells.as_ptr(),
+            cells.len(),
+            null(),
+            attn.as_mut_ptr(),
+            null_mut(),
+        )
+    };
+    assert_eq!(st, want, "{}", last_error());
+    assert!(attn.iter().all(|&a| a == 3.0));
+    let p = Plan::init(&ctx, &views, &cells, None, None, 8).unwrap();
+    // SAFETY: a live plan; views of live host buffers.
+    let st = unsafe { kvm_cuda_plan_apply(ctx.0, p.0, views.as_ptr(), views.len(), null_mut()) };
+    assert_eq!(st, want, "{}", last_error());
+    // SAFETY: NULL plan must be refused.
+    let st = unsafe { kvm_cuda_plan_apply(ctx.0, null(), views.as_ptr(), views.len(), null_mut()) };
+    assert_eq!(st, kvm_status::KVM_STATUS_NULL_ARG);
+    assert_eq!(c.snapshot(), snap);
+}

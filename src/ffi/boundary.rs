@@ -93,6 +93,22 @@ macro_rules! try_slice {
     }};
 }
 
+/// A writable slice from pointer and length; NULL is fine when the length is 0.
+macro_rules! try_slice_mut {
+    ($p:expr, $len:expr, $name:literal) => {{
+        let (p, len) = ($p, $len as usize);
+        if len == 0 {
+            &mut [][..]
+        } else if p.is_null() {
+            return Err($crate::error::Error::NullArg($name));
+        } else {
+            // SAFETY: the caller promises `len` writable elements at a non-NULL `p`, not
+            // aliased during the call.
+            unsafe { std::slice::from_raw_parts_mut(p, len) }
+        }
+    }};
+}
+
 /// Optional slice: NULL means absent.
 macro_rules! opt_slice {
     ($p:expr, $len:expr) => {{
@@ -108,7 +124,7 @@ macro_rules! opt_slice {
     }};
 }
 
-pub(crate) use {opt_slice, try_mut, try_ref, try_slice};
+pub(crate) use {opt_slice, try_mut, try_ref, try_slice, try_slice_mut};
 
 #[cfg(test)]
 mod tests {

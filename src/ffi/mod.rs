@@ -39,12 +39,14 @@ macro_rules! c_enum {
 }
 
 mod boundary;
+pub mod cuda;
 pub mod status;
 pub mod views;
 
 use std::ffi::{c_char, CStr};
 
-use boundary::{guard, guard_value, opt_slice, try_mut, try_ref, try_slice};
+use boundary::{guard, guard_value, opt_slice, try_mut, try_ref, try_slice, try_slice_mut};
+pub use cuda::*;
 pub use status::kvm_status;
 pub use views::*;
 
@@ -85,6 +87,8 @@ struct Ctx {
     params: Params,
     pool: rayon::ThreadPool,
     calib: Option<Calib>,
+    /// Device buffers of the `kvm_cuda_*` calls (nothing without the `cuda` feature).
+    dev: crate::cuda::Device,
 }
 
 impl Ctx {
@@ -149,7 +153,8 @@ pub extern "C" fn kvm_kernels_name() -> *const c_char {
     })
 }
 
-/// Whether this build has CUDA kernels (the `cuda` feature). The header is the same either way.
+/// Whether this build has CUDA kernels (the `cuda` feature): whether the `kvm_cuda_*` entry
+/// points can run rather than return KVM_STATUS_UNSUPPORTED. The header is the same either way.
 #[unsafe(no_mangle)]
 pub extern "C" fn kvm_has_cuda() -> bool {
     cfg!(feature = "cuda")
@@ -205,6 +210,7 @@ pub unsafe extern "C" fn kvm_ctx_init(
             params: p,
             pool,
             calib: None,
+            dev: crate::cuda::Device::default(),
         });
         *out = Box::into_raw(ctx) as *mut kvm_ctx;
         Ok(())
@@ -409,14 +415,7 @@ pub unsafe extern "C" fn kvm_attn_from_queries_layers(
             });
         }
         let bias = opt_slice!(bias, n_cells);
-        let attn: &mut [f32] = if n_cells == 0 {
-            &mut []
-        } else if attn.is_null() {
-            return Err(Error::NullArg("attn"));
-        } else {
-            // SAFETY: the caller promises n_cells writable floats.
-            unsafe { std::slice::from_raw_parts_mut(attn, n_cells) }
-        };
+        let attn: &mut [f32] = try_slice_mut!(attn, n_cells, "attn");
         // SAFETY: validated views, caller keeps them valid during the call.
         let views = unsafe { layout::borrow(&raw, &geoms) };
         attention::from_queries(&c.exec(), &views, &qs, n_q as usize, cells, bias, attn)
@@ -453,14 +452,7 @@ pub unsafe extern "C" fn kvm_attn_add_probs(
         };
         let probs = try_slice!(probs, len, "probs");
         let cells = try_slice!(cells, n_cells, "cells");
-        let attn: &mut [f32] = if n_cells == 0 {
-            &mut []
-        } else if attn.is_null() {
-            return Err(Error::NullArg("attn"));
-        } else {
-            // SAFETY: the caller promises n_cells writable floats.
-            unsafe { std::slice::from_raw_parts_mut(attn, n_cells) }
-        };
+        let attn: &mut [f32] = try_slice_mut!(attn, n_cells, "attn");
         attention::add_probs(&c.exec(), probs, n_kv, n_rows, row_stride, cells, attn)
     })
 }

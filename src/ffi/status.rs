@@ -29,6 +29,8 @@ pub enum kvm_status {
     KVM_STATUS_PANIC = 9,
     /// A plan was applied to views that differ from those it was made on.
     KVM_STATUS_MISMATCH = 10,
+    /// A CUDA call or kernel failed; after an error the CUDA context may be unusable.
+    KVM_STATUS_DEVICE = 11,
 }
 
 impl From<&Error> for kvm_status {
@@ -45,6 +47,7 @@ impl From<&Error> for kvm_status {
             Error::BadProfile(_) => KVM_STATUS_BAD_PROFILE,
             Error::Panic(_) => KVM_STATUS_PANIC,
             Error::Mismatch(_) => KVM_STATUS_MISMATCH,
+            Error::Device(_) => KVM_STATUS_DEVICE,
         }
     }
 }
@@ -61,6 +64,7 @@ c_enum!(kvm_status {
     KVM_STATUS_BAD_PROFILE,
     KVM_STATUS_PANIC,
     KVM_STATUS_MISMATCH,
+    KVM_STATUS_DEVICE,
 });
 
 impl kvm_status {
@@ -81,6 +85,7 @@ impl kvm_status {
             KVM_STATUS_BAD_PROFILE => c"bad calibration profile",
             KVM_STATUS_PANIC => c"internal error (panic caught)",
             KVM_STATUS_MISMATCH => c"plan does not match these views",
+            KVM_STATUS_DEVICE => c"CUDA error",
         }
     }
 }

@@ -16,30 +16,14 @@ use rayon::prelude::*;
 use super::plan::Plan;
 use super::{Exec, Method, Sigma, ValueMode};
 use crate::error::{Error, Result};
-use crate::layout::{LayerMut, LayerRows, PREFETCH_AHEAD};
+use crate::layout::{LayerGeom, LayerMut, LayerRows, PREFETCH_AHEAD};
 use crate::simd::Kernels;
 
 pub fn apply(ex: &Exec, plan: &Plan, layers: &mut [LayerMut<'_>]) -> Result<()> {
-    if layers.len() != plan.geoms.len() {
-        return Err(Error::Mismatch(format!(
-            "planned on {} layers, applied to {}",
-            plan.geoms.len(),
-            layers.len()
-        )));
-    }
-    for (il, (l, g)) in layers.iter().zip(&plan.geoms).enumerate() {
-        if l.geom != *g {
-            return Err(Error::Mismatch(format!(
-                "layer {il} differs in type, shape or strides"
-            )));
-        }
-    }
+    let geoms: Vec<LayerGeom> = layers.iter().map(|l| l.geom).collect();
+    check_layers(plan, &geoms)?;
     let members = plan.members();
-    let merged: Vec<(usize, &Vec<usize>)> = members
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.len() > 1)
-        .collect();
+    let merged = merged_sets(&members);
     if merged.is_empty() && plan.cam.is_empty() {
         return Ok(());
     }
@@ -48,6 +32,34 @@ pub fn apply(ex: &Exec, plan: &Plan, layers: &mut [LayerMut<'_>]) -> Result<()> 
             .par_iter_mut()
             .for_each(|l| apply_layer(ex.kern, plan, &merged, l))
     });
+    Ok(())
+}
+
+/// The sets that merge (more than one member), with their set ids.
+pub fn merged_sets(members: &[Vec<usize>]) -> Vec<(usize, &Vec<usize>)> {
+    members
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.len() > 1)
+        .collect()
+}
+
+/// Refuses layers that differ from those the plan was made on (host or device alike).
+pub fn check_layers(plan: &Plan, geoms: &[LayerGeom]) -> Result<()> {
+    if geoms.len() != plan.geoms.len() {
+        return Err(Error::Mismatch(format!(
+            "planned on {} layers, applied to {}",
+            plan.geoms.len(),
+            geoms.len()
+        )));
+    }
+    for (il, (l, g)) in geoms.iter().zip(&plan.geoms).enumerate() {
+        if l != g {
+            return Err(Error::Mismatch(format!(
+                "layer {il} differs in type, shape or strides"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -191,29 +203,47 @@ fn head_sigmas(
         return None;
     };
     let g = l.geom;
-    let mut sum = vec![0f64; g.n_head];
-    let mut n = vec![0usize; g.n_head];
+    let mut acc = SigmaAcc::new(g.n_head);
     for &(sid, mem) in merged {
-        let piv = plan.survivor[sid] as usize;
-        let jp = mem
-            .iter()
-            .position(|&i| i == piv)
-            .expect("survivor is a member");
-        let m = mem.len();
+        let jp = pivot_index(plan, sid, mem);
         read_distances(kern, plan, mem, jp, l, keys, d2);
-        for h in 0..g.n_head {
+        acc.add(&d2[..g.n_head * mem.len()], mem.len(), jp);
+    }
+    Some(acc.sigmas(r))
+}
+
+/// The sums behind `Sigma::Layer`'s per-head σ, fed one set at a time in plan order.
+pub struct SigmaAcc {
+    sum: Vec<f64>,
+    n: Vec<usize>,
+}
+
+impl SigmaAcc {
+    pub fn new(n_head: usize) -> Self {
+        SigmaAcc {
+            sum: vec![0f64; n_head],
+            n: vec![0usize; n_head],
+        }
+    }
+
+    /// One set's `d2` (`h·m + j`), its `m` members and its pivot `jp`.
+    pub fn add(&mut self, d2: &[f32], m: usize, jp: usize) {
+        for h in 0..self.sum.len() {
             for j in (0..m).filter(|&j| j != jp) {
                 let d2 = d2[h * m + j];
                 if d2.is_finite() {
-                    sum[h] += d2 as f64;
-                    n[h] += 1;
+                    self.sum[h] += d2 as f64;
+                    self.n[h] += 1;
                 }
             }
         }
     }
-    Some(
-        sum.iter()
-            .zip(&n)
+
+    /// `r` times each head's rms member distance, or infinite where it is 0.
+    pub fn sigmas(&self, r: f32) -> Vec<f32> {
+        self.sum
+            .iter()
+            .zip(&self.n)
             .map(|(&s, &k)| {
                 let rms = if k > 0 {
                     (s / k as f64).sqrt() as f32
@@ -226,8 +256,52 @@ fn head_sigmas(
                     f32::INFINITY
                 }
             })
-            .collect(),
-    )
+            .collect()
+    }
+}
+
+/// Index, within the set's members, of its surviving cell.
+pub fn pivot_index(plan: &Plan, sid: usize, mem: &[usize]) -> usize {
+    let piv = plan.survivor[sid] as usize;
+    mem.iter()
+        .position(|&i| i == piv)
+        .expect("survivor is a member")
+}
+
+/// Every head's weights of one set (`w[h·m + j]`) from its distances `d2` (same layout):
+/// [`weights`] with the set's counts and attention, σ per head for `Sigma::Layer`.
+#[allow(clippy::too_many_arguments)]
+pub fn set_weights(
+    plan: &Plan,
+    sigma_h: Option<&[f32]>,
+    mem: &[usize],
+    jp: usize,
+    n_head: usize,
+    d2: &[f32],
+    cnt: &mut [f32],
+    att: &mut [f32],
+    w: &mut [f32],
+) {
+    let m = mem.len();
+    let has_attn = !plan.attn_in.is_empty();
+    for (c, &i) in cnt.iter_mut().zip(mem) {
+        *c = plan.counts_in[i] as f32;
+    }
+    if has_attn {
+        for (a, &i) in att.iter_mut().zip(mem) {
+            *a = plan.attn_in[i];
+        }
+    }
+    for h in 0..n_head {
+        weights(
+            sigma_h.map_or(plan.params.sigma, |s| Sigma::Fixed(s[h])),
+            &d2[h * m..(h + 1) * m],
+            &cnt[..m],
+            has_attn.then(|| &att[..m]),
+            jp,
+            &mut w[h * m..(h + 1) * m],
+        );
+    }
 }
 
 fn apply_layer(
@@ -250,7 +324,6 @@ fn apply_layer(
     let mut w = vec![0f32; g.n_head * max_m];
     let mut cnt = vec![0f32; max_m];
     let mut att = vec![0f32; max_m];
-    let has_attn = !plan.attn_in.is_empty();
     let sigma_h = head_sigmas(kern, plan, merged, l, &mut keys, &mut d2);
     for (k, &(sid, mem)) in merged.iter().enumerate() {
         // The members' rows are scattered over a cache the model's last pass has just pushed
@@ -267,31 +340,20 @@ fn apply_layer(
             }
         }
         let m = mem.len();
-        let piv = plan.survivor[sid] as usize;
-        let jp = mem
-            .iter()
-            .position(|&i| i == piv)
-            .expect("survivor is a member");
-        let pc = plan.cells[piv] as usize;
-        for (c, &i) in cnt.iter_mut().zip(mem) {
-            *c = plan.counts_in[i] as f32;
-        }
-        if has_attn {
-            for (a, &i) in att.iter_mut().zip(mem) {
-                *a = plan.attn_in[i];
-            }
-        }
+        let jp = pivot_index(plan, sid, mem);
+        let pc = plan.cells[mem[jp]] as usize;
         read_distances(kern, plan, mem, jp, l, &mut keys, &mut d2);
-        for h in 0..g.n_head {
-            weights(
-                sigma_h.as_ref().map_or(p.sigma, |s| Sigma::Fixed(s[h])),
-                &d2[h * m..(h + 1) * m],
-                &cnt[..m],
-                has_attn.then(|| &att[..m]),
-                jp,
-                &mut w[h * m..(h + 1) * m],
-            );
-        }
+        set_weights(
+            plan,
+            sigma_h.as_deref(),
+            mem,
+            jp,
+            g.n_head,
+            &d2,
+            &mut cnt,
+            &mut att,
+            &mut w,
+        );
         if p.merge_keys {
             kern.weighted_heads_f32(&keys, g.dk, &w[..g.n_head * m], &mut out_k);
             clamp_to_members(&mut out_k, &keys[..m * wk], g.k.ty.max_finite());

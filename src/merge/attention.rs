@@ -71,12 +71,7 @@ pub fn from_queries<L: LayerRows + Sync>(
     }
     for (il, (layer, qs)) in layers.iter().zip(queries).enumerate() {
         let g = layer.geom();
-        if qs.n_head == 0 || qs.n_head % g.n_head != 0 {
-            return Err(Error::InvalidArg(format!(
-                "layer {il}: n_head = {} is not a positive multiple of n_head_kv = {}",
-                qs.n_head, g.n_head
-            )));
-        }
+        check_heads(il, g.n_head, qs.n_head, qs.kq_scale)?;
         let want = n_q.checked_mul(qs.n_head).and_then(|x| x.checked_mul(g.dk));
         if want != Some(qs.q.len()) {
             return Err(Error::InvalidArg(format!(
@@ -85,11 +80,6 @@ pub fn from_queries<L: LayerRows + Sync>(
                 qs.q.len(),
                 qs.n_head,
                 g.dk
-            )));
-        }
-        if !qs.kq_scale.is_finite() {
-            return Err(Error::InvalidArg(format!(
-                "layer {il}: kq_scale is not finite"
             )));
         }
         // A non-finite query has no softmax; left to the kernels, its heads would read as
@@ -107,16 +97,7 @@ pub fn from_queries<L: LayerRows + Sync>(
             "attn/bias must have one entry per cell".into(),
         ));
     }
-    if let Some((i, b)) = bias
-        .into_iter()
-        .flatten()
-        .enumerate()
-        .find(|(_, b)| b.is_nan() || **b == f32::INFINITY)
-    {
-        return Err(Error::InvalidArg(format!(
-            "bias[{i}] = {b}: a bias is finite, or −inf to mask a cell"
-        )));
-    }
+    check_bias(bias)?;
     if n == 0 || n_q == 0 {
         return Ok(());
     }
@@ -160,6 +141,36 @@ pub fn from_queries<L: LayerRows + Sync>(
         for (a, x) in attn.iter_mut().zip(acc) {
             *a += x;
         }
+    }
+    Ok(())
+}
+
+/// A layer's query heads must fill its KV heads' GQA groups, and its logit scale be finite.
+pub fn check_heads(il: usize, n_head_kv: usize, n_head: usize, kq_scale: f32) -> Result<()> {
+    if n_head == 0 || n_head % n_head_kv != 0 {
+        return Err(Error::InvalidArg(format!(
+            "layer {il}: n_head = {n_head} is not a positive multiple of n_head_kv = {n_head_kv}"
+        )));
+    }
+    if !kq_scale.is_finite() {
+        return Err(Error::InvalidArg(format!(
+            "layer {il}: kq_scale is not finite"
+        )));
+    }
+    Ok(())
+}
+
+/// Each bias is finite, or −inf to mask its cell.
+pub fn check_bias(bias: Option<&[f32]>) -> Result<()> {
+    if let Some((i, b)) = bias
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .find(|(_, b)| b.is_nan() || **b == f32::INFINITY)
+    {
+        return Err(Error::InvalidArg(format!(
+            "bias[{i}] = {b}: a bias is finite, or −inf to mask a cell"
+        )));
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::calib::Calib;
 use super::Exec;
+use crate::error::Result;
 use crate::layout::{LayerRows, PREFETCH_AHEAD};
 use crate::simd::Kernels;
 
@@ -78,19 +79,35 @@ pub fn links<L: LayerRows + Sync>(
     cells: &[u32],
     calib: Option<&Calib>,
 ) -> Links {
-    let per_layer: Vec<Vec<f32>> = ex.pool.install(|| {
+    let heads: Vec<usize> = layers.iter().map(|l| l.geom().n_head).collect();
+    links_from(&adjacent_per_layer(ex, layers, cells), &heads, calib)
+}
+
+/// Every layer's [`layer_adjacent`], one rayon task per layer.
+pub fn adjacent_per_layer<L: LayerRows + Sync>(
+    ex: &Exec,
+    layers: &[L],
+    cells: &[u32],
+) -> Vec<Vec<f32>> {
+    ex.pool.install(|| {
         layers
             .par_iter()
             .map(|l| layer_adjacent(ex.kern, l, cells))
             .collect()
-    });
-    let n = cells.len().saturating_sub(1);
+    })
+}
+
+/// [`Links`] from each layer's head-mean adjacent cosines (`per_layer[l]`, one per link) and
+/// the layers' KV head counts. Layers are added in order, wherever the cosines were computed,
+/// so host and device statistics rank links by the same arithmetic.
+pub fn links_from(per_layer: &[Vec<f32>], heads: &[usize], calib: Option<&Calib>) -> Links {
+    let n = per_layer.first().map_or(0, Vec::len);
     let mut mean_cos = vec![0f32; n];
     let mut rank = vec![0f32; n];
     let mut wsum = 0f32;
-    for (il, (cos, layer)) in per_layer.iter().zip(layers).enumerate() {
+    for (il, (cos, &h)) in per_layer.iter().zip(heads).enumerate() {
         // Every (layer, head) pair counts once, as in "mean over layers and KV heads".
-        let w = layer.geom().n_head as f32;
+        let w = h as f32;
         wsum += w;
         let (mu, inv_sd) = calib.map_or((0.0, 1.0), |c| c.standardizer(il));
         for i in 0..n {
@@ -110,6 +127,17 @@ pub fn pair_sims<L: LayerRows + Sync>(
     cells: &[u32],
     pairs: &[(usize, usize)],
 ) -> Vec<f32> {
+    let heads: Vec<usize> = layers.iter().map(|l| l.geom().n_head).collect();
+    pair_sims_from(&pair_cos_per_layer(ex, layers, cells, pairs), &heads)
+}
+
+/// Per layer, the sum over KV heads of cos(k_a, k_b) for each pair.
+pub fn pair_cos_per_layer<L: LayerRows + Sync>(
+    ex: &Exec,
+    layers: &[L],
+    cells: &[u32],
+    pairs: &[(usize, usize)],
+) -> Vec<Vec<f32>> {
     // The pairs come in runs that reuse a few rows (a leaving cell with both neighbours, a
     // survivor with every cell of the run beside it), so each layer streams through them with
     // a handful of decoded rows, the least recently used one replaced: every row is decoded
@@ -119,7 +147,7 @@ pub fn pair_sims<L: LayerRows + Sync>(
     // is exact and `head_dots_f32` gives `dot_f32`'s bits, which are `dot_f16`'s on the same
     // halves, so the similarities are those of per-head dots straight from f16. The rows are
     // cold after the model's pass, so the rows of a later pair are asked for ahead.
-    let per_layer: Vec<Vec<f32>> = ex.pool.install(|| {
+    ex.pool.install(|| {
         layers
             .par_iter()
             .map(|l| {
@@ -152,10 +180,14 @@ pub fn pair_sims<L: LayerRows + Sync>(
                     .collect()
             })
             .collect()
-    });
-    let heads: f32 = layers.iter().map(|l| l.geom().n_head as f32).sum();
-    let mut out = vec![0f32; pairs.len()];
-    for v in &per_layer {
+    })
+}
+
+/// [`pair_sims`] from [`pair_cos_per_layer`]'s sums, added in layer order.
+pub fn pair_sims_from(per_layer: &[Vec<f32>], heads: &[usize]) -> Vec<f32> {
+    let heads: f32 = heads.iter().map(|&h| h as f32).sum();
+    let mut out = vec![0f32; per_layer.first().map_or(0, Vec::len)];
+    for v in per_layer {
         for (o, x) in out.iter_mut().zip(v) {
             *o += x;
         }
@@ -255,7 +287,19 @@ pub fn mean_key_distances<L: LayerRows + Sync>(
     sets: &[Vec<usize>],
     counts: &[u32],
 ) -> Vec<Vec<f32>> {
-    let per_layer: Vec<Vec<Vec<f32>>> = ex.pool.install(|| {
+    mean_key_distances_from(&mean_dist_per_layer(ex, layers, cells, sets, counts), sets)
+}
+
+/// Per layer, per set, per member: the squared distance to the set's count-weighted mean key,
+/// summed over the layer's KV heads.
+pub fn mean_dist_per_layer<L: LayerRows + Sync>(
+    ex: &Exec,
+    layers: &[L],
+    cells: &[u32],
+    sets: &[Vec<usize>],
+    counts: &[u32],
+) -> Vec<Vec<Vec<f32>>> {
+    ex.pool.install(|| {
         layers
             .par_iter()
             .map(|l| {
@@ -292,9 +336,13 @@ pub fn mean_key_distances<L: LayerRows + Sync>(
                     .collect()
             })
             .collect()
-    });
+    })
+}
+
+/// [`mean_key_distances`] from [`mean_dist_per_layer`]'s sums, added in layer order.
+pub fn mean_key_distances_from(per_layer: &[Vec<Vec<f32>>], sets: &[Vec<usize>]) -> Vec<Vec<f32>> {
     let mut out: Vec<Vec<f32>> = sets.iter().map(|s| vec![0f32; s.len()]).collect();
-    for layer in &per_layer {
+    for layer in per_layer {
         for (o, v) in out.iter_mut().zip(layer) {
             for (a, b) in o.iter_mut().zip(v) {
                 *a += b;
@@ -302,4 +350,50 @@ pub fn mean_key_distances<L: LayerRows + Sync>(
         }
     }
     out
+}
+
+/// The key statistics a plan reads, wherever the keys live. [`HostKeys`] reads host rows; the
+/// CUDA path runs kernels next to a device cache and hands back the same per-layer vectors, so
+/// the plan (on the host) combines them with the same `*_from` arithmetic either way.
+pub trait KeyStats {
+    /// [`adjacent_per_layer`].
+    fn adjacent(&self, cells: &[u32]) -> Result<Vec<Vec<f32>>>;
+    /// [`pair_cos_per_layer`].
+    fn pair_cos(&self, cells: &[u32], pairs: &[(usize, usize)]) -> Result<Vec<Vec<f32>>>;
+    /// [`mean_dist_per_layer`].
+    fn mean_dist(
+        &self,
+        cells: &[u32],
+        sets: &[Vec<usize>],
+        counts: &[u32],
+    ) -> Result<Vec<Vec<Vec<f32>>>>;
+}
+
+/// Key statistics from host rows.
+pub struct HostKeys<'a, 'p, L> {
+    pub ex: &'a Exec<'p>,
+    pub layers: &'a [L],
+}
+
+impl<L: LayerRows + Sync> KeyStats for HostKeys<'_, '_, L> {
+    fn adjacent(&self, cells: &[u32]) -> Result<Vec<Vec<f32>>> {
+        Ok(adjacent_per_layer(self.ex, self.layers, cells))
+    }
+    fn pair_cos(&self, cells: &[u32], pairs: &[(usize, usize)]) -> Result<Vec<Vec<f32>>> {
+        Ok(pair_cos_per_layer(self.ex, self.layers, cells, pairs))
+    }
+    fn mean_dist(
+        &self,
+        cells: &[u32],
+        sets: &[Vec<usize>],
+        counts: &[u32],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        Ok(mean_dist_per_layer(
+            self.ex,
+            self.layers,
+            cells,
+            sets,
+            counts,
+        ))
+    }
 }

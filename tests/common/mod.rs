@@ -395,6 +395,58 @@ impl Plan {
         Ok(Plan(plan))
     }
 
+    /// `kvm_cuda_plan_init` on the default stream; on failure checks that no plan was written.
+    pub fn init_cuda(
+        ctx: *const kvm_ctx,
+        views: &[kvm_layer_view],
+        cells: &[u32],
+        attn: Option<&[f32]>,
+        n_free: u32,
+    ) -> Result<Plan, kvm_status> {
+        let mut plan = std::ptr::null_mut();
+        // SAFETY: slices valid for the call; the views point into live buffers (host ones are
+        // refused before use).
+        let st = unsafe {
+            kvm_cuda_plan_init(
+                ctx,
+                views.as_ptr(),
+                views.len(),
+                cells.as_ptr(),
+                cells.len(),
+                attn.map_or(std::ptr::null(), |a| a.as_ptr()),
+                std::ptr::null(),
+                n_free,
+                std::ptr::null_mut(),
+                &mut plan,
+            )
+        };
+        if st != kvm_status::KVM_STATUS_OK {
+            assert!(plan.is_null(), "out written on failure");
+            return Err(st);
+        }
+        Ok(Plan(plan))
+    }
+
+    /// The plan's arrays, copied out through `kvm_plan_get`.
+    pub fn info(&self) -> PlanOut {
+        let mut info = std::mem::MaybeUninit::<kvm_plan_info>::uninit();
+        // SAFETY: a live plan.
+        let st = unsafe { kvm_plan_get(self.0, info.as_mut_ptr()) };
+        assert_eq!(st, kvm_status::KVM_STATUS_OK);
+        // SAFETY: written on OK.
+        let info = unsafe { info.assume_init() };
+        // SAFETY: arrays owned by the plan with the lengths the info gives.
+        unsafe {
+            PlanOut {
+                n_evicted: info.n_evicted,
+                set_of: std::slice::from_raw_parts(info.set_of, info.n_cells).to_vec(),
+                survivor: std::slice::from_raw_parts(info.survivor, info.n_sets).to_vec(),
+                freed: std::slice::from_raw_parts(info.freed, info.n_freed).to_vec(),
+                counts: std::slice::from_raw_parts(info.counts, info.n_sets).to_vec(),
+            }
+        }
+    }
+
     /// `kvm_plan_apply` over `views`.
     pub fn apply(&self, ctx: &Ctx, views: &[kvm_layer_view]) -> kvm_status {
         // SAFETY: a live plan; the views point into live buffers (or are refused before use).
@@ -420,22 +472,7 @@ pub fn run_plan(
     apply: bool,
 ) -> Result<PlanOut, kvm_status> {
     let plan = Plan::init(ctx, views, cells, attn, counts, n_free)?;
-    let mut info = std::mem::MaybeUninit::<kvm_plan_info>::uninit();
-    // SAFETY: plan from kvm_plan_init.
-    let st = unsafe { kvm_plan_get(plan.0, info.as_mut_ptr()) };
-    assert_eq!(st, kvm_status::KVM_STATUS_OK);
-    // SAFETY: written on OK.
-    let info = unsafe { info.assume_init() };
-    // SAFETY: arrays owned by the plan with the lengths the info gives.
-    let out = unsafe {
-        PlanOut {
-            n_evicted: info.n_evicted,
-            set_of: std::slice::from_raw_parts(info.set_of, info.n_cells).to_vec(),
-            survivor: std::slice::from_raw_parts(info.survivor, info.n_sets).to_vec(),
-            freed: std::slice::from_raw_parts(info.freed, info.n_freed).to_vec(),
-            counts: std::slice::from_raw_parts(info.counts, info.n_sets).to_vec(),
-        }
-    };
+    let out = plan.info();
     if !apply {
         return Ok(out);
     }

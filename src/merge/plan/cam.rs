@@ -6,7 +6,7 @@ use crate::merge::Params;
 /// CaM, deterministic reading: an evicted cell's value is shared among the next `cam_span`
 /// kept non-sink cells (the previous ones when none follow), each receiving `p / m` of it,
 /// where `p = min(1, a_e / mean a_targets)` is CaM's merge probability taken in expectation.
-pub(super) fn folds<L>(p: &Params, w: &Window<L>, owner: &[Option<usize>]) -> Vec<CamFold> {
+pub(super) fn folds<S>(p: &Params, w: &Window<S>, owner: &[Option<usize>]) -> Vec<CamFold> {
     let (prot, attn) = (&w.prot, w.attn);
     let n = owner.len();
     let kept: Vec<usize> = (0..n)

@@ -2,9 +2,9 @@
 //! surviving neighbours on its two sides.
 
 use super::Window;
-use crate::layout::LayerRows;
-use crate::merge::scores;
-use crate::merge::{Exec, Params};
+use crate::error::Result;
+use crate::merge::scores::{self, KeyStats};
+use crate::merge::Params;
 
 /// Attention decides who leaves; each maximal run of leaving cells joins the surviving
 /// neighbours on its two sides. Between two survivors the run is split where the summed
@@ -12,13 +12,12 @@ use crate::merge::{Exec, Params};
 /// on a tie the split is the first, so a lone cell as similar to both goes right). Sinks never
 /// absorb anything; a leaving cell with no survivor it may join is evicted. The rules as the
 /// header states them: `kvm_method::KVM_METHOD_EVICT_FOLD`.
-pub(super) fn plan<L: LayerRows + Sync>(
-    ex: &Exec,
+pub(super) fn plan(
     p: &Params,
-    w: &Window<L>,
+    w: &Window<impl KeyStats>,
     n_free: usize,
     owner: &mut [Option<usize>],
-) {
+) -> Result<()> {
     let (n, prot) = (w.cells.len(), &w.prot);
     let mut leaving = vec![false; n];
     for &i in w.eviction_order().iter().take(n_free) {
@@ -52,7 +51,7 @@ pub(super) fn plan<L: LayerRows + Sync>(
             }
         }
     }
-    let sims = scores::pair_sims(ex, w.layers, w.cells, &pairs);
+    let sims = scores::pair_sims_from(&w.keys.pair_cos(w.cells, &pairs)?, &w.heads);
     let mut k = 0;
     for &(a, b, l, r) in &runs {
         let m = b - a + 1;
@@ -101,4 +100,5 @@ pub(super) fn plan<L: LayerRows + Sync>(
             };
         }
     }
+    Ok(())
 }

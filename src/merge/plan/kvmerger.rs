@@ -1,23 +1,23 @@
 //! KVMerger, our reading: links taken in descending score, shortfall evicted, pivots.
 
 use super::Window;
-use crate::layout::LayerRows;
+use crate::error::Result;
 use crate::merge::calib::Calib;
-use crate::merge::scores;
-use crate::merge::{Exec, Params, Pivot};
+use crate::merge::scores::{self, KeyStats};
+use crate::merge::{Params, Pivot};
 
 /// Sets `owner` for KVMerger: the runs of the links taken, each owned by its pivot, and the
 /// sets evicted to meet the budget (the module's docs, and `kvm_method::KVM_METHOD_KVMERGER`).
-pub(super) fn plan<L: LayerRows + Sync>(
-    ex: &Exec,
+pub(super) fn plan(
     p: &Params,
     calib: Option<&Calib>,
-    w: &Window<L>,
+    w: &Window<impl KeyStats>,
     n_free: usize,
     owner: &mut [Option<usize>],
-) {
+) -> Result<()> {
     let Window {
-        layers,
+        keys,
+        ref heads,
         cells,
         attn,
         counts,
@@ -25,9 +25,9 @@ pub(super) fn plan<L: LayerRows + Sync>(
     } = *w;
     let n = cells.len();
     if n_free == 0 {
-        return;
+        return Ok(());
     }
-    let links = scores::links(ex, layers, cells, calib);
+    let links = scores::links_from(&keys.adjacent(cells)?, heads, calib);
     let n_links = n - 1;
     let age = |i: usize| {
         if n_links > 1 {
@@ -114,7 +114,7 @@ pub(super) fn plan<L: LayerRows + Sync>(
             .collect(),
         _ => {
             let ms: Vec<Vec<usize>> = merged.iter().map(|&s| sets[s].clone()).collect();
-            let d = scores::mean_key_distances(ex, layers, cells, &ms, counts);
+            let d = scores::mean_key_distances_from(&keys.mean_dist(cells, &ms, counts)?, &ms);
             ms.iter()
                 .zip(&d)
                 .map(|(m, d)| {
@@ -134,4 +134,5 @@ pub(super) fn plan<L: LayerRows + Sync>(
     for (&s, &pv) in merged.iter().zip(&pivots) {
         sets[s].iter().for_each(|&i| owner[i] = Some(pv));
     }
+    Ok(())
 }

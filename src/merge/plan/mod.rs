@@ -33,6 +33,7 @@ mod evict_fold;
 mod kvmerger;
 
 use super::calib::Calib;
+use super::scores::{HostKeys, KeyStats};
 use super::{Exec, Method, Params};
 use crate::error::{Error, Result};
 use crate::layout::{LayerGeom, LayerRows};
@@ -136,17 +137,19 @@ pub struct Event<'a> {
     pub n_free: usize,
 }
 
-/// The window as every method reads it, checked: the layers and cells, the attention (only for
-/// a method that reads it), the tokens each cell stands for, and which cells are protected.
-struct Window<'a, L> {
-    layers: &'a [L],
+/// The window as every method reads it, checked: the key statistics of its layers (host rows
+/// or a device cache) and each layer's KV head count, the cells, the attention (only for a
+/// method that reads it), the tokens each cell stands for, and which cells are protected.
+struct Window<'a, S> {
+    keys: &'a S,
+    heads: Vec<usize>,
     cells: &'a [u32],
     attn: Option<&'a [f32]>,
     counts: &'a [u32],
     prot: Protected,
 }
 
-impl<L> Window<'_, L> {
+impl<S> Window<'_, S> {
     /// Unprotected cells, least attended (or, without attention, oldest) first.
     fn eviction_order(&self) -> Vec<usize> {
         let prot = &self.prot;
@@ -220,6 +223,19 @@ pub fn plan<L: LayerRows + Sync>(
     layers: &[L],
     event: Event,
 ) -> Result<Plan> {
+    let geoms: Vec<LayerGeom> = layers.iter().map(|l| *l.geom()).collect();
+    plan_with(params, calib, &geoms, &HostKeys { ex, layers }, event)
+}
+
+/// [`plan`] with the key statistics from `keys` (host rows or a device cache) for layers of
+/// the shapes `geoms`.
+pub fn plan_with(
+    params: &Params,
+    calib: Option<&Calib>,
+    geoms: &[LayerGeom],
+    keys: &impl KeyStats,
+    event: Event,
+) -> Result<Plan> {
     params.check()?;
     let Event {
         cells,
@@ -260,13 +276,13 @@ pub fn plan<L: LayerRows + Sync>(
         None => vec![1; n],
     };
     if let Some(c) = calib {
-        c.check_fits(layers.len())?;
+        c.check_fits(geoms.len())?;
     }
     // Checked above either way; the methods that choose by position never see it.
     let attn = attn.filter(|_| params.method.reads_attention());
-    let geoms: Vec<LayerGeom> = layers.iter().map(|l| *l.geom()).collect();
     let win = Window {
-        layers,
+        keys,
+        heads: geoms.iter().map(|g| g.n_head).collect(),
         cells,
         attn,
         counts: &counts_in,
@@ -303,11 +319,19 @@ pub fn plan<L: LayerRows + Sync>(
             }
             cam = cam::folds(params, &win, &owner);
         }
-        Method::KvMerger => kvmerger::plan(ex, params, calib, &win, n_free, &mut owner),
-        Method::EvictFold => evict_fold::plan(ex, params, &win, n_free, &mut owner),
+        Method::KvMerger => kvmerger::plan(params, calib, &win, n_free, &mut owner)?,
+        Method::EvictFold => evict_fold::plan(params, &win, n_free, &mut owner)?,
     }
     let attn_in = attn.map_or_else(Vec::new, <[f32]>::to_vec);
-    let plan = finish(cells, counts_in, attn_in, &owner, cam, geoms, *params);
+    let plan = finish(
+        cells,
+        counts_in,
+        attn_in,
+        &owner,
+        cam,
+        geoms.to_vec(),
+        *params,
+    );
     debug_assert_eq!(plan.freed.len(), n_free);
     Ok(plan)
 }
