@@ -3,9 +3,10 @@
 
 Every check talks to the real server through the official OpenAI Python client, on the real model:
 
-  chat40     a 40-turn chat at -c 512 (the conversation is over 6x the context): no error; once the
+  chat40     a 48-turn chat at -c 512 (the conversation is over 6x the context): no error; once the
              cache has been compressed, each turn processes only its new tokens; the cells in use never
-             exceed the context; the system prompt's tokens are still cached at the end; a second run
+             exceed the context; the system prompt's tokens and the role markers of older turns
+             ("<|im_start|>assistant\n") are still cached at the end; a second run
              on a fresh server answers the same, word for word (temperature 0)
   parallel   -np 4, without and with --kv-unified: four conversations at once, each compressing its
              own slot (how many replies equal the solo run is printed: see test_parallel)
@@ -13,6 +14,10 @@ Every check talks to the real server through the official OpenAI Python client, 
              (chat endpoint) and by llama-cli
   stock      without --kv-merge the stock errors stay: the long prompt and the long chat get HTTP 400
              "exceeds the available context size"
+  configs    a chat past the context with -fa off, q8_0, q4_0 and bf16 caches, speculative decoding
+  slots      --slot-save-path: a compressed slot saved, erased and restored stands for its whole history
+             and the next turn processes only its new tokens; truncated and corrupted files are refused
+             (HTTP error) and the server goes on
 
 Prints PASS/FAIL per check and "N passed, M failed" last; exits 1 on any failure.
   tests/server/chat.py --bin build/llama.cpp-build/bin --model M.gguf [--only chat40,longdoc]
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -132,21 +138,23 @@ def chat(server, conv, n_turns, max_tokens=40, id_slot=None):
 
 
 def test_chat40(args):
-    n_ctx = 512
+    # 48 turns: the 40 the check asks for, and enough that the conversation stays over 6x the context
+    # when the model answers tersely (about 78 tokens a turn)
+    n_ctx, n_turns = 512, 48
     runs = []
     for run in range(2):
         with Server(args, ["-c", str(n_ctx), "-np", "1", "--kv-merge"], f"chat40-{run}") as srv:
             try:
-                turns = chat(srv, 0, 40)
+                turns = chat(srv, 0, n_turns)
             except Exception as e:  # any HTTP error fails the check
-                check("chat40: 40 turns answered", False, f"run {run}: {type(e).__name__}: {e}")
+                check(f"chat40: {n_turns} turns answered", False, f"run {run}: {type(e).__name__}: {e}")
                 return
             slots = json.loads(srv.get("/slots"))
             metrics = srv.get("/metrics")
         runs.append((turns, slots, metrics))
 
     turns, slots, metrics = runs[0]
-    check("chat40: 40 turns answered", len(turns) == 40 and all(t["text"] for t in turns),
+    check(f"chat40: {n_turns} turns answered", len(turns) == n_turns and all(t["text"] for t in turns),
           f"{sum(1 for t in turns if t['text'])} non-empty replies")
     total = turns[-1]["usage"]["prompt_tokens"] + turns[-1]["usage"]["completion_tokens"]
     check("chat40: the conversation is at least 6x the context", total >= 6 * n_ctx, f"{total} tokens, context {n_ctx}")
@@ -185,8 +193,15 @@ def test_chat40(args):
     m = re.search(r"kv_merge_events_total (\d+)", metrics)
     check("chat40: /metrics counts the events", m is not None and int(m.group(1)) == sum(events),
           f"{m.group(0) if m else 'no counter'}, responses say {sum(events)}")
+    # the chat template's control sequences of older turns stay as they were: the server pins those of
+    # the newest turns, up to a quarter of the cells (about 12 markers at -c 512); older ones may go
+    starts = [m.start() for m in re.finditer(re.escape("<|im_start|>"), cells_text)]
+    whole = [i for i in starts if re.match(r"<\|im_start\|>(user|assistant|system)\n", cells_text[i:])]
+    check("chat40: the role markers of older turns are still cached, whole",
+          len(whole) >= 12,
+          f"{len(starts)} '<|im_start|>' in the cells, {len(whole)} followed by their role and line break")
     same = [a["text"] == b["text"] for a, b in zip(runs[0][0], runs[1][0])]
-    check("chat40: temperature 0 answers the same in a second run", all(same) and len(same) == 40,
+    check("chat40: temperature 0 answers the same in a second run", all(same) and len(same) == n_turns,
           f"{sum(same)} of {len(same)} turns equal")
 
 
@@ -285,6 +300,101 @@ def test_stock(args):
                   str(e)[:120])
 
 
+def post(server, path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read().decode())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode() or "{}")
+
+
+def compressed_chat(name, server, n_ctx, n_turns=14, conv=0):
+    """A chat past the context: every reply non-empty, the cache compressed, the cells within the context."""
+    turns = chat(server, conv, n_turns)
+    km = [t["timings"].get("kv_merge", {}) for t in turns]
+    events = sum(k.get("events", 0) for k in km)
+    most = max(k.get("n_cells", 0) for k in km)
+    total = turns[-1]["usage"]["prompt_tokens"] + turns[-1]["usage"]["completion_tokens"]
+    check(f"{name}: a {n_turns}-turn chat past the context is answered and compressed",
+          all(t["text"] for t in turns) and events > 0 and most <= n_ctx and total > n_ctx,
+          f"{total} tokens at -c {n_ctx}, {events} events, most cells {most}")
+    return turns
+
+
+def test_configs(args):
+    """Every configuration users run: flash attention off, quantized and bf16 caches, speculative decoding."""
+    n_ctx = 512
+    configs = [
+        ("-fa off (V transposed)", ["-fa", "off"]),
+        ("q8_0 cache", ["-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0"]),
+        ("q4_0 cache", ["-fa", "on", "-ctk", "q4_0", "-ctv", "q4_0"]),
+        ("bf16 cache (K-shift through f32)", ["-fa", "on", "-ctk", "bf16", "-ctv", "bf16"]),
+        # the draft context drops the same positions at each event (the model drafts for itself here)
+        ("speculative decoding", ["--spec-type", "draft-simple", "-md", args.model, "--spec-draft-n-max", "4",
+                                  "--spec-draft-n-min", "1"]),
+    ]
+    for name, extra in configs:
+        try:
+            with Server(args, ["-c", str(n_ctx), "-np", "1", "--kv-merge"] + extra, "cfg-" + re.sub(r"\W+", "_", name)) as srv:
+                turns = compressed_chat(f"configs: {name}", srv, n_ctx, n_turns=10)
+            if "-md" in extra:
+                # the model drafts for itself: a draft context that went out of step with the target's
+                # compressed cache would have its drafts rejected
+                ev = [t["timings"].get("kv_merge", {}).get("events", 0) for t in turns]
+                after = turns[next(i for i, e in enumerate(ev) if e > 0) + 1:] if any(ev) else []
+                n = sum(t["timings"].get("draft_n", 0) for t in after)
+                acc = sum(t["timings"].get("draft_n_accepted", 0) for t in after)
+                check("configs: speculative decoding: drafts are accepted after compression", n > 0 and acc >= 0.8 * n,
+                      f"{acc} of {n} drafted tokens accepted in the {len(after)} turns after the first event")
+        except Exception as e:
+            check(f"configs: {name}: a 10-turn chat past the context is answered and compressed", False,
+                  f"{type(e).__name__}: {e}")
+
+
+def test_slots(args):
+    """--slot-save-path: a compressed slot saved and restored keeps its history; bad files are refused."""
+    n_ctx = 512
+    save = os.path.join(args.work, "slots")
+    os.makedirs(save, exist_ok=True)
+    with Server(args, ["-c", str(n_ctx), "-np", "1", "--kv-merge", "--slot-save-path", save], "slots") as srv:
+        turns = compressed_chat("slots", srv, n_ctx, n_turns=12)
+        hist = turns[-1]["timings"]["kv_merge"]["n_history"]
+        st, saved = post(srv, "/slots/0?action=save", {"filename": "chat.bin"})
+        check("slots: a compressed slot is saved", st == 200, f"{st} {saved}")
+        st, _ = post(srv, "/slots/0?action=erase", {})
+        st, restored = post(srv, "/slots/0?action=restore", {"filename": "chat.bin"})
+        slot = json.loads(srv.get("/slots"))[0]
+        check("slots: restored, it stands for the whole history again", st == 200 and slot["n_history"] == hist,
+              f"{st}, n_history {slot.get('n_history')} (saved {hist}), n_cells {slot.get('n_cells')}")
+        # the next turn matches the restored history: only its new tokens are processed
+        messages = [{"role": "system", "content": SYSTEM + " You are assistant number 0."}]
+        for i, t in enumerate(turns):
+            messages += [{"role": "user", "content": user_turn(0, i)}, {"role": "assistant", "content": t["text"]}]
+        messages.append({"role": "user", "content": user_turn(0, len(turns))})
+        d = srv.client.chat.completions.create(model="m", messages=messages, max_tokens=20, temperature=0,
+                                               extra_body={"id_slot": 0}).to_dict()
+        new = d["usage"]["prompt_tokens"] - hist
+        check("slots: the turn after a restore processes its new tokens, not the conversation",
+              d["timings"]["prompt_n"] <= new + turns[-1]["usage"]["completion_tokens"] + 8,
+              f"prompt_n {d['timings']['prompt_n']} for {new} new tokens")
+
+        # a damaged slot file is refused with an error, and the server goes on
+        with open(os.path.join(save, "chat.bin"), "rb") as f:
+            good = f.read()
+        bad = {"truncated by 1 byte": good[:-1], "truncated by 3 bytes": good[:-3],
+               "truncated to half": good[: len(good) // 2], "one byte flipped": bytearray(good)}
+        bad["one byte flipped"][len(good) // 2] ^= 0x10
+        for what, data in bad.items():
+            with open(os.path.join(save, "bad.bin"), "wb") as f:
+                f.write(bytes(data))
+            st, body = post(srv, "/slots/0?action=restore", {"filename": "bad.bin"})
+            alive = srv.proc.poll() is None and json.loads(srv.get("/health")).get("status") == "ok"
+            check(f"slots: a slot file {what} is refused, the server goes on", st >= 400 and alive,
+                  f"HTTP {st}: {str(body.get('error', body))[:90]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True)
@@ -292,11 +402,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=18500 + os.getpid() % 1000)
     ap.add_argument("--work", default=None)
-    ap.add_argument("--only", default="chat40,parallel,longdoc,stock")
+    ap.add_argument("--only", default="chat40,parallel,longdoc,stock,configs,slots")
     args = ap.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="kvm-chat.")
     os.makedirs(args.work, exist_ok=True)
-    tests = {"chat40": test_chat40, "parallel": test_parallel, "longdoc": test_longdoc, "stock": test_stock}
+    tests = {"chat40": test_chat40, "parallel": test_parallel, "longdoc": test_longdoc, "stock": test_stock,
+             "configs": test_configs, "slots": test_slots}
     for name in args.only.split(","):
         t0 = time.time()
         try:
