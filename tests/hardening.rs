@@ -532,3 +532,32 @@ fn f7_documented_refusals_are_refused() {
         kvm_status::KVM_STATUS_OK
     );
 }
+
+/// Fuzzing, target `calib`: an empty profile (`kvm_calib_init`, nothing observed) saved
+/// `layers 0`, which `kvm_calib_load` refused as an implausible layer count, so a file written
+/// by `kvm_calib_save` did not load. It now loads as the empty profile and saves back byte for
+/// byte; `kvm_ctx_set_calib` still refuses it, as it refuses the empty profile itself.
+#[test]
+fn fuzz_empty_profile_saves_a_file_that_loads() {
+    let mut cal = std::ptr::null_mut();
+    // SAFETY: valid out pointer.
+    let st = unsafe { kvm_calib_init(&mut cal) };
+    assert_eq!(st, kvm_status::KVM_STATUS_OK);
+    let path = temp_path("empty");
+    let first = save_profile(cal, &path);
+    let loaded = load_profile(&path).unwrap_or_else(|st| panic!("{st:?}: {}", last_error()));
+    assert_eq!(save_profile(loaded, &path), first);
+    let _ = std::fs::remove_file(&path);
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    for c in [cal, loaded] {
+        // SAFETY: a live ctx used by this thread only, a live profile.
+        let st = unsafe { kvm_ctx_set_calib(ctx.0, c) };
+        assert_eq!(st, kvm_status::KVM_STATUS_BAD_PROFILE);
+        assert!(last_error().contains("no observations"), "{}", last_error());
+    }
+    // SAFETY: from kvm_calib_init / kvm_calib_load, freed once.
+    unsafe {
+        kvm_calib_free(cal);
+        kvm_calib_free(loaded);
+    }
+}
