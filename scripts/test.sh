@@ -30,6 +30,9 @@ python3 tests/eval_ci.py
 say "SIMD property tests built with AVX2/FMA/F16C enabled at compile time"
 RUSTFLAGS="-C target-feature=+avx2,+fma,+f16c" CARGO_TARGET_DIR=target/avx2 cargo test --quiet --test simd_props
 
+say "fuzz targets, ${KVM_FUZZ_SECONDS:-25} s each with ASan (scripts/fuzz.sh, fuzz/README.md)"
+scripts/fuzz.sh "${KVM_FUZZ_SECONDS:-25}"
+
 if [ "${KVM_TEST_QUICK:-0}" != 1 ]; then
     say "aarch64 (NEON) under qemu"
     scripts/test-aarch64.sh --quiet
