@@ -261,7 +261,9 @@ pub fn plan<L: LayerRows + Sync>(
         Method::KvMerger => kvmerger(
             ex, params, calib, layers, cells, attn, &counts_in, &prot, n_free, &mut owner,
         ),
-        Method::EvictFold => evict_fold(ex, params, layers, cells, attn, &prot, n_free, &mut owner),
+        Method::EvictFold => evict_fold(
+            ex, params, layers, cells, attn, &counts_in, &prot, n_free, &mut owner,
+        ),
     }
     let attn_in = attn.map_or_else(Vec::new, <[f32]>::to_vec);
     let plan = finish(cells, counts_in, attn_in, &owner, cam, geoms, *params);
@@ -398,7 +400,8 @@ fn kvmerger<L: LayerRows + Sync>(
 /// Attention decides who leaves; each leaving cell joins the set of the surviving neighbour
 /// its key is more similar to. Between two survivors a run of leaving cells is split where the
 /// summed similarity is largest, so sets stay runs. Sinks never absorb anything; a leaving
-/// cell with no survivor it may join is evicted.
+/// cell with no survivor it may join, or one past the floor, `max_set` or `max_count` counting
+/// outward from its survivor, is evicted.
 #[allow(clippy::too_many_arguments)]
 fn evict_fold<L: LayerRows + Sync>(
     ex: &Exec,
@@ -406,11 +409,16 @@ fn evict_fold<L: LayerRows + Sync>(
     layers: &[L],
     cells: &[u32],
     attn: Option<&[f32]>,
+    counts: &[u32],
     prot: &Protected,
     n_free: usize,
     owner: &mut [Option<usize>],
 ) {
     let n = cells.len();
+    // Cells and tokens each survivor holds so far, for `max_set` and `max_count`; a survivor
+    // between two runs takes from the run on its left before the one on its right.
+    let mut set_len = vec![1usize; n];
+    let mut tokens: Vec<u64> = counts.iter().map(|&c| u64::from(c)).collect();
     let mut leaving = vec![false; n];
     for &i in eviction_order(prot, attn).iter().take(n_free) {
         leaving[i] = true;
@@ -481,9 +489,32 @@ fn evict_fold<L: LayerRows + Sync>(
         // Sets must stay runs, so the left set ends at the first cell (counting outward from the
         // left survivor) below the floor and the right set likewise; the cells between are
         // evicted. Without a floor every cell is folded, as the split says.
+        // The caps (`max_set`, `max_count`) cut a set the same way: a survivor folds in cells
+        // outward from itself while it stays within them, and the rest are evicted.
         let above = |v: f32| p.sim_floor.is_none_or(|f| v >= f);
-        let reach_l = sl.iter().take_while(|&&v| above(v)).count();
-        let reach_r = sr.iter().rev().take_while(|&&v| above(v)).count();
+        let mut reach = |s: Option<usize>, order: &mut dyn Iterator<Item = usize>, sims: &[f32]| {
+            let Some(s) = s else { return 0 };
+            let mut k = 0;
+            for j in order {
+                let joined = tokens[s] + u64::from(counts[a + j]);
+                if !above(sims[j])
+                    || p.max_set.is_some_and(|c| set_len[s] + 1 > c)
+                    || p.max_count.is_some_and(|c| joined > u64::from(c))
+                {
+                    break;
+                }
+                set_len[s] += 1;
+                tokens[s] = joined;
+                k += 1;
+            }
+            k
+        };
+        let (to_l, to_r) = match split {
+            None => (0, 0),
+            Some(s) => (s, m - s),
+        };
+        let reach_l = reach(l, &mut (0..to_l), &sl);
+        let reach_r = reach(r, &mut (m - to_r..m).rev(), &sr);
         for j in 0..m {
             owner[a + j] = match split {
                 None => None,
