@@ -378,9 +378,7 @@ pub fn check_plan(o: &PlanOut, w: &Window, p: &kvm_params) {
             sum[s].min(u32::MAX as u64),
             "set {s}: count is its members' counts"
         );
-        // The two caps are KVMerger's (its links); EVICT_FOLD folds past them.
-        let kvmerger = p.method == kvm_method::KVM_METHOD_KVMERGER as i32;
-        if kvmerger && p.max_set > 1 {
+        if p.max_set > 1 {
             assert!(
                 size[s] <= p.max_set as usize,
                 "set {s} of {} cells, max_set {}: {p:?} {o:?}",
@@ -388,7 +386,7 @@ pub fn check_plan(o: &PlanOut, w: &Window, p: &kvm_params) {
                 p.max_set
             );
         }
-        if kvmerger && p.max_count > 1 && size[s] > 1 {
+        if p.max_count > 1 && size[s] > 1 {
             assert!(
                 o.counts[s] <= p.max_count,
                 "set {s} of {} cells stands for {}, max_count {}: {p:?} {o:?} counts in {:?}",
