@@ -148,7 +148,11 @@ enum kvm_method
   // stops before the first cell whose similarity to that survivor is below the floor: that
   // cell and every cell between it and the split are evicted (whole stretches, even cells
   // above the floor). The floor never changes which cells leave, only whether they are
-  // folded. The survivor is each set's pivot.
+  // folded. **Caps** (`max_set`, `max_count`) cut a part the same way: counting outward
+  // from its survivor, a cell joins while the set stays within `max_set` cells and
+  // `max_count` tokens; from the first that would not, the rest of that part is evicted (a
+  // survivor between two runs takes from its left run first). The survivor is each set's
+  // pivot.
   KVM_METHOD_EVICT_FOLD = 5,
 };
 #ifndef __cplusplus
@@ -265,13 +269,15 @@ typedef struct kvm_params {
   // Refused when not finite: it would give every link the same infinite (or NaN) score.
   float age_bias;
   // Largest merging set; 0 = no limit. Default 0. 1 is refused: a set of one is no merge,
-  // so it would forbid every merge (use 0 for no limit).
+  // so it would forbid every merge (use 0 for no limit). Under EVICT_FOLD a leaving cell
+  // that would make its survivor's set larger is evicted.
   uint32_t max_set;
   // CaM: how many following kept cells share an evicted value; 0 is refused (the value
   // would go nowhere). Default 4.
   uint32_t cam_span;
   // Most tokens one cell may stand for after a merge; links over it are not taken and the
-  // budget they leave is met by eviction. 0 = no limit. Default 0. 1 is refused: every cell
+  // budget they leave is met by eviction (under EVICT_FOLD a leaving cell that would take
+  // its survivor over it is evicted). 0 = no limit. Default 0. 1 is refused: every cell
   // already stands for a token, so a merge would always go over it (use 0 for no limit).
   uint32_t max_count;
 } kvm_params;

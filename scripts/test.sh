@@ -33,6 +33,9 @@ RUSTFLAGS="-C target-feature=+avx2,+fma,+f16c" CARGO_TARGET_DIR=target/avx2 carg
 say "CUDA: --features cuda builds for sm_80 and sm_90 (nvcc from PyPI); same C API either way"
 scripts/test-cuda-build.sh
 
+say "fuzz targets, ${KVM_FUZZ_SECONDS:-25} s each with ASan (scripts/fuzz.sh, fuzz/README.md)"
+scripts/fuzz.sh "${KVM_FUZZ_SECONDS:-25}"
+
 if [ "${KVM_TEST_QUICK:-0}" != 1 ]; then
     say "aarch64 (NEON) under qemu"
     scripts/test-aarch64.sh --quiet

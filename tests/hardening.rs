@@ -584,3 +584,81 @@ fn apply_does_not_depend_on_the_thread_count() {
         }
     }
 }
+
+/// Fuzzing, target `calib`: an empty profile (`kvm_calib_init`, nothing observed) saved
+/// `layers 0`, which `kvm_calib_load` refused as an implausible layer count, so a file written
+/// by `kvm_calib_save` did not load. It now loads as the empty profile and saves back byte for
+/// byte; `kvm_ctx_set_calib` still refuses it, as it refuses the empty profile itself.
+#[test]
+fn fuzz_empty_profile_saves_a_file_that_loads() {
+    let mut cal = std::ptr::null_mut();
+    // SAFETY: valid out pointer.
+    let st = unsafe { kvm_calib_init(&mut cal) };
+    assert_eq!(st, kvm_status::KVM_STATUS_OK);
+    let path = temp_path("empty");
+    let first = save_profile(cal, &path);
+    let loaded = load_profile(&path).unwrap_or_else(|st| panic!("{st:?}: {}", last_error()));
+    assert_eq!(save_profile(loaded, &path), first);
+    let _ = std::fs::remove_file(&path);
+    let ctx = Ctx::new(&params(kvm_method::KVM_METHOD_KVMERGER));
+    for c in [cal, loaded] {
+        // SAFETY: a live ctx used by this thread only, a live profile.
+        let st = unsafe { kvm_ctx_set_calib(ctx.0, c) };
+        assert_eq!(st, kvm_status::KVM_STATUS_BAD_PROFILE);
+        assert!(last_error().contains("no observations"), "{}", last_error());
+    }
+    // SAFETY: from kvm_calib_init / kvm_calib_load, freed once.
+    unsafe {
+        kvm_calib_free(cal);
+        kvm_calib_free(loaded);
+    }
+}
+
+/// Fuzzing, targets `plan`, `calib` and `sequence`: EVICT_FOLD ignored `max_set` and
+/// `max_count`, which the header and `--kv-merge-max-set` give without naming a method, and
+/// folded runs of leaving cells into sets of 8 cells under `max_set = 4`, or 10 tokens under
+/// `max_count = 5`. A leaving cell past a cap, counting outward from its survivor, is now
+/// evicted, and the budget is still met exactly.
+#[test]
+fn fuzz_evict_fold_keeps_max_set_and_max_count() {
+    let mut cache = Cache::new(&Shape::small(GgmlType::F16, GgmlType::F16, false), 3);
+    let views = cache.views();
+    let cells: Vec<u32> = (0..64).collect();
+    let counts: Vec<u32> = (0..64).map(|i| 1 + i % 3).collect();
+    let sets = |p: &kvm_params| {
+        let ctx = Ctx::new(p);
+        let out = run_plan(&ctx, &views, &cells, None, Some(&counts), 20, true).unwrap();
+        assert_eq!(out.freed.len(), 20);
+        let mut size = vec![0usize; out.survivor.len()];
+        let mut tokens = vec![0u32; out.survivor.len()];
+        for (i, &s) in out.set_of.iter().enumerate() {
+            if s != KVM_EVICTED {
+                size[s as usize] += 1;
+                tokens[s as usize] += counts[i];
+            }
+        }
+        assert_eq!(tokens, out.counts);
+        (size, out)
+    };
+    let mut p = params(kvm_method::KVM_METHOD_EVICT_FOLD);
+    p.heavy_frac = 0.0;
+    let (size, _) = sets(&p);
+    assert!(
+        *size.iter().max().unwrap() > 4,
+        "no large set to cap: {size:?}"
+    );
+    p.max_set = 2;
+    let (size, out) = sets(&p);
+    assert!(size.iter().all(|&s| s <= 2), "{size:?}");
+    assert!(out.n_evicted > 0);
+    p.max_set = 0;
+    p.max_count = 5;
+    let (size, out) = sets(&p);
+    for (s, &c) in out.counts.iter().enumerate() {
+        assert!(
+            size[s] == 1 || c <= 5,
+            "set {s}: {} cells, {c} tokens",
+            size[s]
+        );
+    }
+}

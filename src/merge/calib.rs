@@ -233,7 +233,9 @@ impl Calib {
                 .map_err(|_| bad(format!("bad layer count `{l}`")))?,
             _ => return Err(bad("missing `layers <n>` line".into())),
         };
-        if n_layers == 0 || n_layers > 100_000 {
+        // 0 is what an empty profile (kvm_calib_init, nothing observed) saves; it loads as
+        // empty, which kvm_ctx_set_calib then refuses as having no observations.
+        if n_layers > 100_000 {
             return Err(bad(format!("implausible layer count {n_layers}")));
         }
         let mut layers = vec![None; n_layers];

@@ -10,7 +10,8 @@ use crate::merge::Params;
 /// neighbours on its two sides. Between two survivors the run is split where the summed
 /// similarity is largest, so sets stay runs (and a cell may join its less similar neighbour;
 /// on a tie the split is the first, so a lone cell as similar to both goes right). Sinks never
-/// absorb anything; a leaving cell with no survivor it may join is evicted. The rules as the
+/// absorb anything; a leaving cell with no survivor it may join, or one past the floor,
+/// `max_set` or `max_count` counting outward from its survivor, is evicted. The rules as the
 /// header states them: `kvm_method::KVM_METHOD_EVICT_FOLD`.
 pub(super) fn plan(
     p: &Params,
@@ -18,7 +19,11 @@ pub(super) fn plan(
     n_free: usize,
     owner: &mut [Option<usize>],
 ) -> Result<()> {
-    let (n, prot) = (w.cells.len(), &w.prot);
+    let (n, prot, counts) = (w.cells.len(), &w.prot, w.counts);
+    // Cells and tokens each survivor holds so far, for `max_set` and `max_count`; a survivor
+    // between two runs takes from the run on its left before the one on its right.
+    let mut set_len = vec![1usize; n];
+    let mut tokens: Vec<u64> = counts.iter().map(|&c| u64::from(c)).collect();
     let mut leaving = vec![false; n];
     for &i in w.eviction_order().iter().take(n_free) {
         leaving[i] = true;
@@ -89,9 +94,32 @@ pub(super) fn plan(
         // Sets must stay runs, so the left set ends at the first cell (counting outward from the
         // left survivor) below the floor and the right set likewise; the cells between are
         // evicted. Without a floor every cell is folded, as the split says.
+        // The caps (`max_set`, `max_count`) cut a set the same way: a survivor folds in cells
+        // outward from itself while it stays within them, and the rest are evicted.
         let above = |v: f32| p.sim_floor.is_none_or(|f| v >= f);
-        let reach_l = sl.iter().take_while(|&&v| above(v)).count();
-        let reach_r = sr.iter().rev().take_while(|&&v| above(v)).count();
+        let mut reach = |s: Option<usize>, order: &mut dyn Iterator<Item = usize>, sims: &[f32]| {
+            let Some(s) = s else { return 0 };
+            let mut k = 0;
+            for j in order {
+                let joined = tokens[s] + u64::from(counts[a + j]);
+                if !above(sims[j])
+                    || p.max_set.is_some_and(|c| set_len[s] + 1 > c)
+                    || p.max_count.is_some_and(|c| joined > u64::from(c))
+                {
+                    break;
+                }
+                set_len[s] += 1;
+                tokens[s] = joined;
+                k += 1;
+            }
+            k
+        };
+        let (to_l, to_r) = match split {
+            None => (0, 0),
+            Some(s) => (s, m - s),
+        };
+        let reach_l = reach(l, &mut (0..to_l), &sl);
+        let reach_r = reach(r, &mut (m - to_r..m).rev(), &sr);
         for j in 0..m {
             owner[a + j] = match split {
                 None => None,
