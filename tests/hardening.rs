@@ -538,14 +538,6 @@ fn f7_documented_refusals_are_refused() {
 /// V stored both ways, one thread against four: the same plan and the same bytes.
 #[test]
 fn apply_does_not_depend_on_the_thread_count() {
-    let methods = [
-        kvm_method::KVM_METHOD_KVMERGER,
-        kvm_method::KVM_METHOD_CONTEXT_SHIFT,
-        kvm_method::KVM_METHOD_STREAMING_LLM,
-        kvm_method::KVM_METHOD_H2O,
-        kvm_method::KVM_METHOD_CAM,
-        kvm_method::KVM_METHOD_EVICT_FOLD,
-    ];
     let layouts = [
         (GgmlType::F32, GgmlType::F32, false),
         (GgmlType::F16, GgmlType::F16, true),
@@ -561,7 +553,7 @@ fn apply_does_not_depend_on_the_thread_count() {
         let mut rng = Rng(5);
         let attn: Vec<f32> = cells.iter().map(|_| rng.f32()).collect();
         let counts: Vec<u32> = cells.iter().map(|_| 1 + rng.below(3) as u32).collect();
-        for m in methods {
+        for m in ALL_METHODS {
             let mut out = Vec::new();
             for threads in [1, 4] {
                 let mut p = params(m);
