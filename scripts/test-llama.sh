@@ -3,7 +3,8 @@
 #
 # Sets up what it needs on a fresh Debian machine (cmake via apt-get if missing, scripts/build-llama.sh,
 # scripts/fetch-model.sh, g++ build of tests/llama/state_roundtrip.cpp), then runs:
-#   (b) tests/llama/state_roundtrip: merge counts survive llama_state_seq_get/set_data, byte-identical state,
+#   (b) tests/llama/state_roundtrip: K/V read back after a merge (untouched cells keep their bytes, merged
+#       ones lie between their members), merge counts survive llama_state_seq_get/set_data, byte-identical state,
 #       identical logits; kvm_params override; refusals (-3 on shared cells / pending K-shift, -2 bad args);
 #       calibration profiles (llama_memory_seq_merge_calibrate, calib_path)
 #   (a) llama-completion -c 256 --context-shift --kv-merge -n 700 (-fa on and off, on with the profile of (b)

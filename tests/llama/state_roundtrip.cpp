@@ -17,6 +17,10 @@
 // 4. calibration: llama_memory_seq_merge_calibrate writes a profile of every layer without touching the cache,
 //    llama_kv_merge_params.calib_path changes which cells a merge frees, and a missing or ill-fitting profile
 //    is refused (-2) with the cache unchanged.
+// 5. K/V read back after a merge (from llama_state_seq_get_data, parsed): a cell the merge left alone has
+//    the K and V bytes it had, every layer; a merged cell (count > 1) holds, element by element, a value
+//    between the smallest and largest of its possible members (itself and the freed cells beside it), and
+//    differs from what it had; the counts add up to the tokens the window held.
 // 0. llama_kv_merge_default_params() and kvm_params_default() agree (the patch writes its defaults out
 //    rather than reading ours, so a change of the library default must be made in both).
 // Prints PASS/FAIL lines; exit code 0 only if all passed.
@@ -117,6 +121,116 @@ static std::vector<uint8_t> get_state(llama_context * ctx, llama_seq_id seq) {
     const size_t n = llama_state_seq_get_data(ctx, st.data(), st.size(), seq);
     st.resize(n);
     return st;
+}
+
+// one stream of a llama_state_seq_get_data blob, as llama_context and llama_kv_cache::state_write lay it out: the cells in buffer
+// order, then per layer every cell's K row, then V (rows, or with v_trans element-major), then the merge counts
+struct kv_state {
+    std::vector<llama_pos>                          pos;    // per cell
+    std::vector<std::vector<std::vector<uint8_t>>> k, v;    // [layer][cell] row bytes (V gathered when transposed)
+    std::vector<int32_t>                            k_type, v_type;
+    std::vector<uint32_t>                           count;  // per cell; all 1 without the kvmerger extension
+};
+
+static bool parse_state(const std::vector<uint8_t> & st, kv_state & out) {
+    size_t off = 0;
+    auto rd = [&](void * dst, size_t n) {
+        if (off + n > st.size()) {
+            return false;
+        }
+        memcpy(dst, st.data() + off, n);
+        off += n;
+        return true;
+    };
+    uint32_t magic = 0, n_stream = 0, n_cell = 0, v_trans = 0, n_layer = 0;
+    llama_seq_id seq = 0;
+    // llama_context::state_seq_get_data puts its io magic and the sequence id first
+    if (!rd(&magic, 4) || magic != 0xaf143cd8u || !rd(&seq, 4) || !rd(&n_stream, 4) || n_stream != 1 || !rd(&n_cell, 4)) {
+        return false;
+    }
+    out = kv_state{};
+    for (uint32_t i = 0; i < n_cell; ++i) {
+        llama_pos p;
+        uint32_t  n_seq;
+        if (!rd(&p, 4) || !rd(&n_seq, 4)) {
+            return false;
+        }
+        off += 4 * (size_t) n_seq;
+        out.pos.push_back(p);
+    }
+    if (!rd(&v_trans, 4) || !rd(&n_layer, 4)) {
+        return false;
+    }
+    const bool ext = (v_trans & 0xffff0000u) == 0x4b4d0000u;
+    v_trans &= 1;
+    out.k.resize(n_layer);
+    out.v.resize(n_layer);
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        int32_t type;
+        uint64_t row;
+        if (!rd(&type, 4) || !rd(&row, 8)) {
+            return false;
+        }
+        out.k_type.push_back(type);
+        for (uint32_t i = 0; i < n_cell; ++i) {
+            out.k[il].emplace_back(row);
+            if (!rd(out.k[il].back().data(), row)) {
+                return false;
+            }
+        }
+    }
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        int32_t type;
+        if (!rd(&type, 4)) {
+            return false;
+        }
+        out.v_type.push_back(type);
+        if (!v_trans) {
+            uint64_t row;
+            if (!rd(&row, 8)) {
+                return false;
+            }
+            for (uint32_t i = 0; i < n_cell; ++i) {
+                out.v[il].emplace_back(row);
+                if (!rd(out.v[il].back().data(), row)) {
+                    return false;
+                }
+            }
+        } else {
+            uint32_t el, n_embd;
+            if (!rd(&el, 4) || !rd(&n_embd, 4)) {
+                return false;
+            }
+            out.v[il].assign(n_cell, std::vector<uint8_t>((size_t) el * n_embd));
+            for (uint32_t j = 0; j < n_embd; ++j) {
+                for (uint32_t i = 0; i < n_cell; ++i) {
+                    if (!rd(out.v[il][i].data() + (size_t) j * el, el)) {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+    out.count.assign(n_cell, 1);
+    if (ext) {
+        uint32_t flags;
+        if (!rd(&flags, 4) || !rd(out.count.data(), 4 * (size_t) n_cell)) {
+            return false;
+        }
+    }
+    return off == st.size();
+}
+
+// element j of an f16 or f32 row
+static float row_el(const std::vector<uint8_t> & row, int32_t type, size_t j) {
+    if (type == GGML_TYPE_F16) {
+        ggml_fp16_t h;
+        memcpy(&h, row.data() + 2 * j, 2);
+        return ggml_fp16_to_fp32(h);
+    }
+    float f;
+    memcpy(&f, row.data() + 4 * j, 4);
+    return f;
 }
 
 int main(int argc, char ** argv) {
@@ -579,6 +693,107 @@ int main(int argc, char ** argv) {
             remove(path.c_str());
         }
         remove(bad_path.c_str());
+    }
+
+    // ---------------------------------------------------------------- 5. K/V read back after a merge
+    {
+        llama_context * ctx = make_ctx(model, fa);
+        const int n_tok = std::min((int) prompt.size(), 200);
+        std::vector<llama_token> toks(prompt.begin(), prompt.begin() + n_tok);
+        const bool ok_dec = decode(ctx, toks, 0);
+        kv_state before, after;
+        const bool ok_b = parse_state(get_state(ctx, 0), before);
+
+        llama_kv_merge_params mpar = llama_kv_merge_default_params();   // EVICT_FOLD: every freed cell is folded
+        mpar.n_threads = 1;
+        const int32_t n_free = 48;
+        std::vector<llama_pos> freed(n_free, -1);
+        const int32_t r = llama_memory_seq_merge(ctx, 0, 4, n_tok, n_free, &mpar, freed.data());
+        const bool ok_a = parse_state(get_state(ctx, 0), after);
+
+        std::string why;
+        size_t n_same = 0, n_merged = 0, n_changed = 0;
+        uint64_t n_tokens = 0;
+        bool ok = ok_dec && ok_b && ok_a && r == n_free && (int) before.pos.size() == n_tok &&
+                  after.pos.size() == before.pos.size() - n_free;
+        if (!ok) {
+            why = fmt("decode %d, parsed %d/%d, merge returned %d, cells %zu -> %zu", ok_dec, ok_b, ok_a, r,
+                      before.pos.size(), after.pos.size());
+        }
+        std::vector<bool> is_freed(n_tok, false);
+        for (llama_pos p : freed) {
+            ok = ok && p >= 4 && p < n_tok && !is_freed[p];
+            if (p >= 0 && p < n_tok) {
+                is_freed[p] = true;
+            }
+        }
+        // original position of each cell after the merge: positions were closed up, so the k-th smallest new
+        // position is the k-th kept original one
+        std::vector<llama_pos> kept;
+        for (llama_pos p = 0; p < n_tok; ++p) {
+            if (!is_freed[p]) {
+                kept.push_back(p);
+            }
+        }
+        std::vector<int> cell_of_pos(n_tok, -1);   // before: cell index of each position
+        for (size_t i = 0; i < before.pos.size(); ++i) {
+            cell_of_pos[before.pos[i]] = (int) i;
+        }
+        for (size_t i = 0; ok && i < after.pos.size(); ++i) {
+            const llama_pos orig = kept[after.pos[i]];
+            const int c0 = cell_of_pos[orig];
+            n_tokens += after.count[i];
+            if (after.count[i] == 1) {
+                // left alone: the bytes it had (K unshifted: the state is read before the K-shift runs)
+                for (size_t il = 0; il < after.k.size() && ok; ++il) {
+                    ok = after.k[il][i] == before.k[il][c0] && after.v[il][i] == before.v[il][c0];
+                }
+                n_same += ok;
+                if (!ok) {
+                    why = fmt("cell of position %d was not merged but its K/V changed", orig);
+                }
+                continue;
+            }
+            // merged: its members are itself and freed cells of the runs right before and after it
+            n_merged++;
+            std::vector<int> members = { c0 };
+            for (llama_pos q = orig - 1; q >= 0 && is_freed[q]; --q) members.push_back(cell_of_pos[q]);
+            for (llama_pos q = orig + 1; q < n_tok && is_freed[q]; ++q) members.push_back(cell_of_pos[q]);
+            bool changed = false;
+            for (size_t il = 0; il < after.v.size() && ok; ++il) {
+                for (int kv = 0; kv < 2 && ok; ++kv) {
+                    const auto &  rows_b = kv ? before.v[il] : before.k[il];
+                    const auto &  row_a  = kv ? after.v[il][i] : after.k[il][i];
+                    const int32_t type   = kv ? after.v_type[il] : after.k_type[il];
+                    const size_t  n_el   = row_a.size() / (type == GGML_TYPE_F16 ? 2 : 4);
+                    changed = changed || row_a != rows_b[c0];
+                    for (size_t j = 0; j < n_el && ok; ++j) {
+                        float lo = INFINITY, hi = -INFINITY;
+                        for (int m : members) {
+                            lo = std::min(lo, row_el(rows_b[m], type, j));
+                            hi = std::max(hi, row_el(rows_b[m], type, j));
+                        }
+                        const float x = row_el(row_a, type, j);
+                        ok = x >= lo && x <= hi;
+                        if (!ok) {
+                            why = fmt("merged cell of position %d, layer %zu %s[%zu] = %g outside its members' [%g, %g]",
+                                      orig, il, kv ? "V" : "K", j, x, lo, hi);
+                        }
+                    }
+                }
+            }
+            n_changed += changed;
+        }
+        if (ok && (n_merged == 0 || n_changed != n_merged || n_tokens != (uint64_t) n_tok)) {
+            ok = false;
+            why = fmt("%zu merged cells, %zu of them changed, counts add up to %llu of %d tokens", n_merged, n_changed,
+                      (unsigned long long) n_tokens, n_tok);
+        }
+        check(ok, fmt("[%s] K/V read back after a merge: untouched cells keep their bytes, merged ones lie between their members", tag).c_str(),
+              ok ? fmt("%zu cells kept their bytes, %zu merged cells within their members' range in all %zu layers, "
+                       "counts add up to %llu tokens", n_same, n_merged, before.k.size(), (unsigned long long) n_tokens)
+                 : why);
+        llama_free(ctx);
     }
 
     llama_model_free(model);
