@@ -329,6 +329,46 @@ def compressed_chat(name, server, n_ctx, n_turns=14, conv=0):
     return turns
 
 
+def test_busy(args):
+    """A request for a busy slot (id_slot) must not touch the reply that slot is generating.
+
+    Stock llama-server's get_available_slot saves and reloads the RAM prompt cache (--cache-ram, on by
+    default) for the slot a request names before it sees that the slot is busy and defers the request:
+    the running sequence's cache is replaced mid-reply (found by tests/server/load.py). The patch skips
+    the cache update for a busy slot."""
+    # the story's prompt is long and the other one short, so that the RAM cache's entry for the other one
+    # matches the queued request better than the busy slot's prompt does: stock then loads it into the slot
+    story = long_document(300) + "\n\nTell me a long story about a lighthouse keeper and a storm."
+    other = "List ten facts about the moon, one per line."
+    body = {"id_slot": 0, "ignore_eos": True}
+    with Server(args, ["-c", "2048", "-np", "2", "--kv-merge"], "busy") as srv:
+        def ask(content, stream_then=None):
+            msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
+            if stream_then is None:
+                r = srv.client.chat.completions.create(model="m", messages=msgs, max_tokens=48, temperature=0,
+                                                       extra_body=body)
+                return r.choices[0].message.content or ""
+            text, started = "", False
+            for ch in srv.client.chat.completions.create(model="m", messages=msgs, max_tokens=48, temperature=0,
+                                                         stream=True, extra_body=body):
+                if ch.choices and ch.choices[0].delta.content:
+                    text += ch.choices[0].delta.content
+                    if not started:
+                        started = True
+                        stream_then()
+            return text
+
+        alone = ask(story)
+        ask(other)   # the RAM cache now holds the story's prompt, slot 0 the other one
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            fut = []
+            during = ask(story, stream_then=lambda: fut.append(ex.submit(ask, other)))
+            queued = fut[0].result() if fut else ""
+        check("busy: a request for a busy slot leaves the slot's running reply as it is (RAM prompt cache on)",
+              during == alone and queued.strip() != "",
+              f"reply {'equal to' if during == alone else 'differs from'} its run alone: {during[:60]!r} vs {alone[:60]!r}")
+
+
 def test_configs(args):
     """Every configuration users run: flash attention off, quantized and bf16 caches, speculative decoding."""
     n_ctx = 512
@@ -408,11 +448,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=18500 + os.getpid() % 1000)
     ap.add_argument("--work", default=None)
-    ap.add_argument("--only", default="chat40,parallel,longdoc,stock,configs,slots")
+    ap.add_argument("--only", default="chat40,parallel,longdoc,stock,busy,configs,slots")
     args = ap.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="kvm-chat.")
     os.makedirs(args.work, exist_ok=True)
     tests = {"chat40": test_chat40, "parallel": test_parallel, "longdoc": test_longdoc, "stock": test_stock,
+             "busy": test_busy,
              "configs": test_configs, "slots": test_slots}
     for name in args.only.split(","):
         t0 = time.time()
