@@ -1,0 +1,272 @@
+//! Safe row access to validated views: raw pointers to slices ([`borrow`], [`borrow_mut`]),
+//! the byte ranges of a cell's row or head, the [`LayerRows`] reads and [`LayerMut`] writes
+//! (through [`crate::codec`]), and the prefetch hints of loops over scattered rows.
+//!
+//! K is one row per cell. V is the same, or, transposed, one row per channel, so a cell's
+//! value is gathered with stride `nb[1]`, one element per channel row.
+
+use super::{Geom, LayerGeom, RawLayer};
+use crate::codec::{as_u16, decode, encode, GgmlType};
+use crate::simd::Kernels;
+
+/// Read-only access to one validated layer.
+pub struct LayerRef<'a> {
+    pub geom: LayerGeom,
+    k: &'a [u8],
+    v: &'a [u8],
+}
+
+/// Read-write access to one validated layer.
+pub struct LayerMut<'a> {
+    pub geom: LayerGeom,
+    k: &'a mut [u8],
+    v: &'a mut [u8],
+}
+
+/// Borrows the validated views read-only.
+///
+/// # Safety
+/// Each view's `data` must be valid for reads of its `span` bytes for `'a`, and nothing may
+/// write those bytes during `'a`.
+pub unsafe fn borrow<'a>(raw: &[RawLayer], geoms: &[LayerGeom]) -> Vec<LayerRef<'a>> {
+    raw.iter()
+        .zip(geoms)
+        .map(|(r, g)| LayerRef {
+            geom: *g,
+            // SAFETY: the caller guarantees validity for `span` bytes; an empty span never
+            // dereferences the (possibly NULL) pointer.
+            k: unsafe { bytes(r.k.data, g.k.span) },
+            // SAFETY: as above.
+            v: unsafe { bytes(r.v.data, g.v.span) },
+        })
+        .collect()
+}
+
+/// Borrows the validated views read-write.
+///
+/// # Safety
+/// As [`borrow`], plus valid for writes and not read or written by anyone else during `'a`.
+/// [`validate`] has ensured that the views do not overlap one another.
+pub unsafe fn borrow_mut<'a>(raw: &[RawLayer], geoms: &[LayerGeom]) -> Vec<LayerMut<'a>> {
+    raw.iter()
+        .zip(geoms)
+        .map(|(r, g)| LayerMut {
+            geom: *g,
+            // SAFETY: the caller guarantees exclusive validity for `span` bytes, and the
+            // validated views are pairwise disjoint, so no two slices alias.
+            k: unsafe { bytes_mut(r.k.data, g.k.span) },
+            // SAFETY: as above.
+            v: unsafe { bytes_mut(r.v.data, g.v.span) },
+        })
+        .collect()
+}
+
+unsafe fn bytes<'a>(p: *mut u8, n: usize) -> &'a [u8] {
+    if n == 0 {
+        &[]
+    } else {
+        // SAFETY: forwarded from the callers' contracts.
+        unsafe { std::slice::from_raw_parts(p, n) }
+    }
+}
+
+unsafe fn bytes_mut<'a>(p: *mut u8, n: usize) -> &'a mut [u8] {
+    if n == 0 {
+        &mut []
+    } else {
+        // SAFETY: forwarded from the callers' contracts.
+        unsafe { std::slice::from_raw_parts_mut(p, n) }
+    }
+}
+
+/// Byte range of head `h` (of width `d`) in row `r`.
+#[inline]
+fn head_range(g: &Geom, r: usize, h: usize, d: usize) -> std::ops::Range<usize> {
+    let start = r * g.nb1 + g.ty.row_size(h * d);
+    start..start + g.ty.row_size(d)
+}
+
+/// Byte range of the first `w` elements of row `r`: every head, the padding left out.
+#[inline]
+fn row_range(g: &Geom, r: usize, w: usize) -> std::ops::Range<usize> {
+    head_range(g, r, 0, w)
+}
+
+/// Reading a layer, shared by [`LayerRef`] and [`LayerMut`].
+pub trait LayerRows {
+    fn geom(&self) -> &LayerGeom;
+    fn k_bytes(&self) -> &[u8];
+    fn v_bytes(&self) -> &[u8];
+
+    /// Key of cell `cell`, KV head `h`, as f32 into `out` (`out.len() == dk`).
+    fn read_k(&self, kern: &Kernels, cell: usize, h: usize, out: &mut [f32]) {
+        let g = self.geom();
+        decode(
+            kern,
+            g.k.ty,
+            &self.k_bytes()[head_range(&g.k, cell, h, g.dk)],
+            out,
+        );
+    }
+
+    /// All heads of cell `cell`'s key as f32 into `out` (`out.len() == n_head·dk`; row padding
+    /// is not read).
+    fn read_k_row(&self, kern: &Kernels, cell: usize, out: &mut [f32]) {
+        let g = self.geom();
+        let r = row_range(&g.k, cell, g.n_head * g.dk);
+        decode(kern, g.k.ty, &self.k_bytes()[r], out);
+    }
+
+    /// All heads of cell `cell`'s value as f32 into `out` (`out.len() == n_head·dv`).
+    fn read_v_row(&self, kern: &Kernels, cell: usize, out: &mut [f32]) {
+        let g = self.geom();
+        if g.v_trans {
+            let ty = g.v.ty;
+            let ts = ty.type_size();
+            for (j, o) in out.iter_mut().enumerate() {
+                let off = j * g.v.nb1 + cell * g.v.nb0;
+                decode(
+                    kern,
+                    ty,
+                    &self.v_bytes()[off..off + ts],
+                    std::slice::from_mut(o),
+                );
+            }
+        } else {
+            let r = row_range(&g.v, cell, g.n_head * g.dv);
+            decode(kern, g.v.ty, &self.v_bytes()[r], out);
+        }
+    }
+
+    /// Asks the CPU to start loading cell `cell`'s key row (all heads) into cache, so that a
+    /// loop over scattered rows overlaps their memory latency. A hint only: it reads nothing
+    /// and changes nothing, and a cell outside the view is ignored.
+    fn prefetch_k_row(&self, cell: usize) {
+        let g = self.geom();
+        if let Some(row) = self.k_bytes().get(row_range(&g.k, cell, g.n_head * g.dk)) {
+            prefetch(row);
+        }
+    }
+
+    /// As [`LayerRows::prefetch_k_row`] for KV head `h` of the key row only.
+    fn prefetch_k_head(&self, cell: usize, h: usize) {
+        let g = self.geom();
+        if let Some(part) = self.k_bytes().get(head_range(&g.k, cell, h, g.dk)) {
+            prefetch(part);
+        }
+    }
+
+    /// As [`LayerRows::prefetch_k_row`] for cell `cell`'s value row; nothing for a transposed V,
+    /// whose cell is spread over one element per channel row.
+    fn prefetch_v_row(&self, cell: usize) {
+        let g = self.geom();
+        if g.v_trans {
+            return;
+        }
+        if let Some(row) = self.v_bytes().get(row_range(&g.v, cell, g.n_head * g.dv)) {
+            prefetch(row);
+        }
+    }
+
+    /// Raw f16 key bits of all heads of `cell` (padding excluded), when K is f16.
+    fn k_row_f16(&self, cell: usize) -> Option<&[u16]> {
+        let g = self.geom();
+        (g.k.ty == GgmlType::F16)
+            .then(|| as_u16(&self.k_bytes()[row_range(&g.k, cell, g.n_head * g.dk)]))
+    }
+}
+
+impl LayerRows for LayerRef<'_> {
+    fn geom(&self) -> &LayerGeom {
+        &self.geom
+    }
+    fn k_bytes(&self) -> &[u8] {
+        self.k
+    }
+    fn v_bytes(&self) -> &[u8] {
+        self.v
+    }
+}
+
+impl LayerRows for LayerMut<'_> {
+    fn geom(&self) -> &LayerGeom {
+        &self.geom
+    }
+    fn k_bytes(&self) -> &[u8] {
+        self.k
+    }
+    fn v_bytes(&self) -> &[u8] {
+        self.v
+    }
+}
+
+impl LayerMut<'_> {
+    /// Writes all heads of cell `cell`'s key (`src.len() == n_head·dk`; padding untouched).
+    pub fn write_k_row(&mut self, kern: &Kernels, cell: usize, src: &[f32]) {
+        let g = self.geom;
+        let r = row_range(&g.k, cell, g.n_head * g.dk);
+        encode(kern, g.k.ty, src, &mut self.k[r]);
+    }
+
+    /// Writes all heads of cell `cell`'s value (`src.len() == n_head·dv`).
+    pub fn write_v_row(&mut self, kern: &Kernels, cell: usize, src: &[f32]) {
+        let g = self.geom;
+        if g.v_trans {
+            let ts = g.v.ty.type_size();
+            for (j, s) in src.iter().enumerate() {
+                let off = j * g.v.nb1 + cell * g.v.nb0;
+                encode(
+                    kern,
+                    g.v.ty,
+                    std::slice::from_ref(s),
+                    &mut self.v[off..off + ts],
+                );
+            }
+        } else {
+            let r = row_range(&g.v, cell, g.n_head * g.dv);
+            encode(kern, g.v.ty, src, &mut self.v[r]);
+        }
+    }
+}
+
+/// How many rows ahead a loop over scattered cache rows asks for the next one: enough to
+/// cover a memory access while the rows in between are decoded.
+pub(crate) const PREFETCH_AHEAD: usize = 4;
+
+/// Prefetches the first cache lines of `bytes`, at most [`PREFETCH_BYTES`] (a hint; never
+/// faults, reads nothing). The last byte of a short row is asked for too, since a row need not
+/// start on a line. A long row is left to the hardware prefetcher once its start is loading:
+/// asking for all of it filled L1 with lines evicted before their turn, and the loop over its
+/// lines cost more than the misses it saved.
+#[inline]
+fn prefetch(bytes: &[u8]) {
+    let n = bytes.len().min(PREFETCH_BYTES);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = bytes.as_ptr();
+        let mut off = 0;
+        while off < n {
+            // SAFETY: `off < bytes.len()`; a prefetch is a hint that never faults and has no
+            // effect on memory.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    p.add(off).cast(),
+                )
+            };
+            off += 64;
+        }
+        if n > 0 && n == bytes.len() {
+            // SAFETY: as above, the last byte of `bytes`.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    p.add(n - 1).cast(),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = n;
+}
+
+/// Most bytes of one row [`prefetch`] asks for.
+const PREFETCH_BYTES: usize = 512;
