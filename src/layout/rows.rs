@@ -12,6 +12,7 @@ use crate::simd::Kernels;
 /// Read-only access to one validated layer.
 pub struct LayerRef<'a> {
     pub geom: LayerGeom,
+    kern: &'static Kernels,
     k: &'a [u8],
     v: &'a [u8],
 }
@@ -19,20 +20,26 @@ pub struct LayerRef<'a> {
 /// Read-write access to one validated layer.
 pub struct LayerMut<'a> {
     pub geom: LayerGeom,
+    kern: &'static Kernels,
     k: &'a mut [u8],
     v: &'a mut [u8],
 }
 
-/// Borrows the validated views read-only.
+/// Borrows the validated views read-only; their rows decode with `kern`.
 ///
 /// # Safety
 /// Each view's `data` must be valid for reads of its `span` bytes for `'a`, and nothing may
 /// write those bytes during `'a`.
-pub unsafe fn borrow<'a>(raw: &[RawLayer], geoms: &[LayerGeom]) -> Vec<LayerRef<'a>> {
+pub unsafe fn borrow<'a>(
+    raw: &[RawLayer],
+    geoms: &[LayerGeom],
+    kern: &'static Kernels,
+) -> Vec<LayerRef<'a>> {
     raw.iter()
         .zip(geoms)
         .map(|(r, g)| LayerRef {
             geom: *g,
+            kern,
             // SAFETY: the caller guarantees validity for `span` bytes; an empty span never
             // dereferences the (possibly NULL) pointer.
             k: unsafe { bytes(r.k.data, g.k.span) },
@@ -42,16 +49,21 @@ pub unsafe fn borrow<'a>(raw: &[RawLayer], geoms: &[LayerGeom]) -> Vec<LayerRef<
         .collect()
 }
 
-/// Borrows the validated views read-write.
+/// Borrows the validated views read-write; their rows decode and encode with `kern`.
 ///
 /// # Safety
 /// As [`borrow`], plus valid for writes and not read or written by anyone else during `'a`.
-/// [`validate`] has ensured that the views do not overlap one another.
-pub unsafe fn borrow_mut<'a>(raw: &[RawLayer], geoms: &[LayerGeom]) -> Vec<LayerMut<'a>> {
+/// [`super::validate`] has ensured that the views do not overlap one another.
+pub unsafe fn borrow_mut<'a>(
+    raw: &[RawLayer],
+    geoms: &[LayerGeom],
+    kern: &'static Kernels,
+) -> Vec<LayerMut<'a>> {
     raw.iter()
         .zip(geoms)
         .map(|(r, g)| LayerMut {
             geom: *g,
+            kern,
             // SAFETY: the caller guarantees exclusive validity for `span` bytes, and the
             // validated views are pairwise disjoint, so no two slices alias.
             k: unsafe { bytes_mut(r.k.data, g.k.span) },
@@ -95,14 +107,16 @@ fn row_range(g: &Geom, r: usize, w: usize) -> std::ops::Range<usize> {
 /// Reading a layer, shared by [`LayerRef`] and [`LayerMut`].
 pub trait LayerRows {
     fn geom(&self) -> &LayerGeom;
+    /// The kernel table the rows decode with (chosen when the views were borrowed).
+    fn kern(&self) -> &'static Kernels;
     fn k_bytes(&self) -> &[u8];
     fn v_bytes(&self) -> &[u8];
 
     /// Key of cell `cell`, KV head `h`, as f32 into `out` (`out.len() == dk`).
-    fn read_k(&self, kern: &Kernels, cell: usize, h: usize, out: &mut [f32]) {
+    fn read_k(&self, cell: usize, h: usize, out: &mut [f32]) {
         let g = self.geom();
         decode(
-            kern,
+            self.kern(),
             g.k.ty,
             &self.k_bytes()[head_range(&g.k, cell, h, g.dk)],
             out,
@@ -111,14 +125,14 @@ pub trait LayerRows {
 
     /// All heads of cell `cell`'s key as f32 into `out` (`out.len() == n_head·dk`; row padding
     /// is not read).
-    fn read_k_row(&self, kern: &Kernels, cell: usize, out: &mut [f32]) {
+    fn read_k_row(&self, cell: usize, out: &mut [f32]) {
         let g = self.geom();
         let r = row_range(&g.k, cell, g.n_head * g.dk);
-        decode(kern, g.k.ty, &self.k_bytes()[r], out);
+        decode(self.kern(), g.k.ty, &self.k_bytes()[r], out);
     }
 
     /// All heads of cell `cell`'s value as f32 into `out` (`out.len() == n_head·dv`).
-    fn read_v_row(&self, kern: &Kernels, cell: usize, out: &mut [f32]) {
+    fn read_v_row(&self, cell: usize, out: &mut [f32]) {
         let g = self.geom();
         if g.v_trans {
             let ty = g.v.ty;
@@ -126,7 +140,7 @@ pub trait LayerRows {
             for (j, o) in out.iter_mut().enumerate() {
                 let off = j * g.v.nb1 + cell * g.v.nb0;
                 decode(
-                    kern,
+                    self.kern(),
                     ty,
                     &self.v_bytes()[off..off + ts],
                     std::slice::from_mut(o),
@@ -134,7 +148,7 @@ pub trait LayerRows {
             }
         } else {
             let r = row_range(&g.v, cell, g.n_head * g.dv);
-            decode(kern, g.v.ty, &self.v_bytes()[r], out);
+            decode(self.kern(), g.v.ty, &self.v_bytes()[r], out);
         }
     }
 
@@ -180,6 +194,9 @@ impl LayerRows for LayerRef<'_> {
     fn geom(&self) -> &LayerGeom {
         &self.geom
     }
+    fn kern(&self) -> &'static Kernels {
+        self.kern
+    }
     fn k_bytes(&self) -> &[u8] {
         self.k
     }
@@ -192,6 +209,9 @@ impl LayerRows for LayerMut<'_> {
     fn geom(&self) -> &LayerGeom {
         &self.geom
     }
+    fn kern(&self) -> &'static Kernels {
+        self.kern
+    }
     fn k_bytes(&self) -> &[u8] {
         self.k
     }
@@ -202,21 +222,21 @@ impl LayerRows for LayerMut<'_> {
 
 impl LayerMut<'_> {
     /// Writes all heads of cell `cell`'s key (`src.len() == n_head·dk`; padding untouched).
-    pub fn write_k_row(&mut self, kern: &Kernels, cell: usize, src: &[f32]) {
+    pub fn write_k_row(&mut self, cell: usize, src: &[f32]) {
         let g = self.geom;
         let r = row_range(&g.k, cell, g.n_head * g.dk);
-        encode(kern, g.k.ty, src, &mut self.k[r]);
+        encode(self.kern, g.k.ty, src, &mut self.k[r]);
     }
 
     /// Writes all heads of cell `cell`'s value (`src.len() == n_head·dv`).
-    pub fn write_v_row(&mut self, kern: &Kernels, cell: usize, src: &[f32]) {
+    pub fn write_v_row(&mut self, cell: usize, src: &[f32]) {
         let g = self.geom;
         if g.v_trans {
             let ts = g.v.ty.type_size();
             for (j, s) in src.iter().enumerate() {
                 let off = j * g.v.nb1 + cell * g.v.nb0;
                 encode(
-                    kern,
+                    self.kern,
                     g.v.ty,
                     std::slice::from_ref(s),
                     &mut self.v[off..off + ts],
@@ -224,7 +244,7 @@ impl LayerMut<'_> {
             }
         } else {
             let r = row_range(&g.v, cell, g.n_head * g.dv);
-            encode(kern, g.v.ty, src, &mut self.v[r]);
+            encode(self.kern, g.v.ty, src, &mut self.v[r]);
         }
     }
 }
