@@ -56,7 +56,7 @@ pub(crate) fn table() -> Option<&'static Kernels> {
 // crate (it is under `-C target-feature=+avx2`, where the block would otherwise warn).
 #[allow(unused_unsafe)]
 impl F32Vec for __m256 {
-    const LANES: usize = EPR;
+    const EPR: usize = EPR;
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {

@@ -5,9 +5,9 @@
 //! Every reduction has ggml's shape (`ggml-cpu/vec.h`, `simd-mappings.h`), in [`fold`]:
 //!
 //! ```text
-//! np = n & !(STEP - 1)                 STEP = ARR·LANES
-//! for i in (0..np).step_by(STEP):      ARR independent registers of LANES lanes
-//!     acc[j] = op(acc[j], x[i + j*LANES ..], y[i + j*LANES ..])   j in 0..ARR
+//! np = n & !(STEP - 1)                 STEP = ARR·EPR
+//! for i in (0..np).step_by(STEP):      ARR independent registers of EPR lanes
+//!     acc[j] = op(acc[j], x[i + j*EPR ..], y[i + j*EPR ..])   j in 0..ARR
 //! sum = reduce_sum(acc)                the ISA's fixed order, see its `reduce_sum`
 //! // leftovers: i in np..n, one element at a time, added onto the reduced sum
 //! ```
@@ -33,12 +33,12 @@ pub(crate) const ARR: usize = 4;
 ///
 /// # Safety
 /// Every method needs the ISA's features enabled (call only from an entry compiled with
-/// them); a method with a pointer reads or writes `LANES` elements there, unaligned.
+/// them); a method with a pointer reads or writes `EPR` elements there, unaligned.
 pub(crate) trait F32Vec: Copy {
     /// f32 lanes per register (ggml `GGML_F32_EPR`).
-    const LANES: usize;
+    const EPR: usize;
     /// Elements per loop step (ggml `GGML_F32_STEP`).
-    const STEP: usize = ARR * Self::LANES;
+    const STEP: usize = ARR * Self::EPR;
 
     /// Every lane `x`.
     unsafe fn splat(x: f32) -> Self;
@@ -155,12 +155,12 @@ macro_rules! isa_kernels {
 ////////////////////////////////// drivers //////////////////////////////////
 
 /// The reduction skeleton (module comment) over `n` elements, for `K` sums at once: `step`
-/// adds the `LANES` elements at offset `o` to its accumulator of each sum, `one` element `i`
+/// adds the `EPR` elements at offset `o` to its accumulator of each sum, `one` element `i`
 /// of the leftovers to each sum. The `K` chains are independent, so each has the bits a
 /// reduction of its own would have, while their multiply-adds overlap.
 ///
 /// # Safety
-/// `V`'s features are enabled. `fold` calls `step` only with `o + LANES <= n`.
+/// `V`'s features are enabled. `fold` calls `step` only with `o + EPR <= n`.
 #[inline(always)]
 unsafe fn fold<V: F32Vec, const K: usize>(
     n: usize,
@@ -175,7 +175,7 @@ unsafe fn fold<V: F32Vec, const K: usize>(
         let mut i = 0;
         while i < np {
             for (j, a) in acc.iter_mut().enumerate() {
-                step(a, i + j * V::LANES);
+                step(a, i + j * V::EPR);
             }
             i += V::STEP;
         }
@@ -192,11 +192,11 @@ unsafe fn fold<V: F32Vec, const K: usize>(
 }
 
 /// The element-wise skeleton over `n = min(src.len(), dst.len())` elements: `step` maps the
-/// `LANES` elements at `src + o` onto `dst + o` in whole steps, `one` each leftover element
+/// `EPR` elements at `src + o` onto `dst + o` in whole steps, `one` each leftover element
 /// (given its source and its old destination value).
 ///
 /// # Safety
-/// `V`'s features are enabled. `zip_map` calls `step` only with pointers to `LANES` elements
+/// `V`'s features are enabled. `zip_map` calls `step` only with pointers to `EPR` elements
 /// of `src` and of `dst` (exclusively borrowed).
 #[inline(always)]
 unsafe fn zip_map<V: F32Vec, S: Copy, D: Copy>(
@@ -211,8 +211,8 @@ unsafe fn zip_map<V: F32Vec, S: Copy, D: Copy>(
     let mut i = 0;
     while i < np {
         for j in 0..ARR {
-            let o = i + j * V::LANES;
-            // SAFETY: o + LANES <= np <= n elements of both slices.
+            let o = i + j * V::EPR;
+            // SAFETY: o + EPR <= np <= n elements of both slices.
             step(unsafe { ps.add(o) }, unsafe { pd.add(o) });
         }
         i += V::STEP;
@@ -232,7 +232,7 @@ unsafe fn zip_map<V: F32Vec, S: Copy, D: Copy>(
 #[inline(always)]
 pub(crate) unsafe fn dot_f32<V: F32Vec>(a: &[f32], b: &[f32]) -> f32 {
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    // SAFETY: features by the caller; `fold` gives o + LANES <= n: both loads inside.
+    // SAFETY: features by the caller; `fold` gives o + EPR <= n: both loads inside.
     let step = |[acc]: &mut [V; 1], o| unsafe {
         *acc = V::loadu(pa.add(o)).mul_add(V::loadu(pb.add(o)), *acc);
     };
@@ -257,7 +257,7 @@ pub(crate) unsafe fn head_dots_f32<V: F32Vec>(
     for (h, (d, n)) in dot.iter_mut().zip(nx.iter_mut()).enumerate() {
         let (xh, yh) = (&x[h * dk..(h + 1) * dk], &y[h * dk..(h + 1) * dk]);
         let (px, py) = (xh.as_ptr(), yh.as_ptr());
-        // SAFETY: features by the caller; `fold` gives o + LANES <= dk: loads inside the heads.
+        // SAFETY: features by the caller; `fold` gives o + EPR <= dk: loads inside the heads.
         let step = |[ad, an]: &mut [V; 2], o| unsafe {
             let vx = V::loadu(px.add(o));
             *ad = vx.mul_add(V::loadu(py.add(o)), *ad);
@@ -280,7 +280,7 @@ pub(crate) unsafe fn head_dots_f32<V: F32Vec>(
 pub(crate) unsafe fn dot_f16<V: F32Vec>(a: &[u16], b: &[u16]) -> f32 {
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let wide = |h: u16| f16::from_bits(h).to_f32();
-    // SAFETY: features by the caller; `fold` gives o + LANES <= n: both loads inside.
+    // SAFETY: features by the caller; `fold` gives o + EPR <= n: both loads inside.
     let step = |[acc]: &mut [V; 1], o| unsafe {
         *acc = V::load_f16(pa.add(o)).mul_add(V::load_f16(pb.add(o)), *acc);
     };
@@ -296,7 +296,7 @@ pub(crate) unsafe fn dot_f16<V: F32Vec>(a: &[u16], b: &[u16]) -> f32 {
 #[inline(always)]
 pub(crate) unsafe fn sqdist_f32<V: F32Vec>(a: &[f32], b: &[f32]) -> f32 {
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    // SAFETY: features by the caller; `fold` gives o + LANES <= n: both loads inside.
+    // SAFETY: features by the caller; `fold` gives o + EPR <= n: both loads inside.
     let step = |[acc]: &mut [V; 1], o| unsafe {
         let d = V::loadu(pa.add(o)).sub(V::loadu(pb.add(o)));
         *acc = d.mul_add(d, *acc);
@@ -335,7 +335,7 @@ pub(crate) unsafe fn head_sqdists_f32<V: F32Vec>(
 pub(crate) unsafe fn axpy_f32<V: F32Vec>(y: &mut [f32], a: f32, x: &[f32]) {
     // SAFETY: features by the caller.
     let va = unsafe { V::splat(a) };
-    // SAFETY: features by the caller; `zip_map` gives LANES elements of `x` and `y`.
+    // SAFETY: features by the caller; `zip_map` gives EPR elements of `x` and `y`.
     let step = |px, py: *mut f32| unsafe { va.mul_add(V::loadu(px), V::loadu(py)).storeu(py) };
     // SAFETY: features by the caller.
     unsafe { zip_map::<V, f32, f32>(x, y, step, |xi, yi| a.mul_add(xi, yi)) }
@@ -362,7 +362,7 @@ pub(crate) unsafe fn weighted_heads_f32<V: F32Vec>(
     let (pr, po) = (rows.as_ptr(), out.as_mut_ptr());
     for h in 0..n_head {
         let wh = &w[h * m..(h + 1) * m];
-        // SAFETY: features by the caller; loads read row j's head h at i + k·LANES .. +LANES
+        // SAFETY: features by the caller; loads read row j's head h at i + k·EPR .. +EPR
         // <= np <= d (rows holds m rows of `width`, the wrapper checked), stores write `out`'s
         // head h likewise; unaligned.
         unsafe {
@@ -373,11 +373,11 @@ pub(crate) unsafe fn weighted_heads_f32<V: F32Vec>(
                     let vw = V::splat(wj);
                     let src = pr.add(j * width + h * d + i);
                     for (k, a) in acc.iter_mut().enumerate() {
-                        *a = vw.mul_add(V::loadu(src.add(k * V::LANES)), *a);
+                        *a = vw.mul_add(V::loadu(src.add(k * V::EPR)), *a);
                     }
                 }
                 for (k, a) in acc.iter().enumerate() {
-                    a.storeu(po.add(h * d + i + k * V::LANES));
+                    a.storeu(po.add(h * d + i + k * V::EPR));
                 }
                 i += V::STEP;
             }
@@ -399,7 +399,7 @@ pub(crate) unsafe fn weighted_heads_f32<V: F32Vec>(
 /// `V`'s features are enabled.
 #[inline(always)]
 pub(crate) unsafe fn f16_to_f32<V: F32Vec>(src: &[u16], dst: &mut [f32]) {
-    // SAFETY: features by the caller; `zip_map` gives LANES elements of `src` and `dst`.
+    // SAFETY: features by the caller; `zip_map` gives EPR elements of `src` and `dst`.
     let step = |s, d| unsafe { V::load_f16(s).storeu(d) };
     // SAFETY: features by the caller.
     unsafe { zip_map::<V, u16, f32>(src, dst, step, |s, _| f16::from_bits(s).to_f32()) }
@@ -412,7 +412,7 @@ pub(crate) unsafe fn f16_to_f32<V: F32Vec>(src: &[u16], dst: &mut [f32]) {
 /// `V`'s features are enabled.
 #[inline(always)]
 pub(crate) unsafe fn f32_to_f16<V: F32Vec>(src: &[f32], dst: &mut [u16]) {
-    // SAFETY: features by the caller; `zip_map` gives LANES elements of `src` and `dst`.
+    // SAFETY: features by the caller; `zip_map` gives EPR elements of `src` and `dst`.
     let step = |s, d| unsafe { V::loadu(s).store_f16(d) };
     // SAFETY: features by the caller.
     unsafe { zip_map::<V, f32, u16>(src, dst, step, |s, _| f16::from_f32(s).to_bits()) }
@@ -426,7 +426,7 @@ pub(crate) unsafe fn f32_to_f16<V: F32Vec>(src: &[f32], dst: &mut [u16]) {
 /// `V`'s features are enabled.
 #[inline(always)]
 pub(crate) unsafe fn bf16_to_f32<V: F32Vec>(src: &[u16], dst: &mut [f32]) {
-    // SAFETY: features by the caller; `zip_map` gives LANES elements of `src` and `dst`.
+    // SAFETY: features by the caller; `zip_map` gives EPR elements of `src` and `dst`.
     let step = |s, d| unsafe { V::load_bf16(s).storeu(d) };
     // SAFETY: features by the caller.
     unsafe { zip_map::<V, u16, f32>(src, dst, step, |s, _| bf16::from_bits(s).to_f32()) }
@@ -439,7 +439,7 @@ pub(crate) unsafe fn bf16_to_f32<V: F32Vec>(src: &[u16], dst: &mut [f32]) {
 /// `V`'s features are enabled.
 #[inline(always)]
 pub(crate) unsafe fn f32_to_bf16<V: F32Vec>(src: &[f32], dst: &mut [u16]) {
-    // SAFETY: features by the caller; `zip_map` gives LANES elements of `src` and `dst`.
+    // SAFETY: features by the caller; `zip_map` gives EPR elements of `src` and `dst`.
     let step = |s, d| unsafe { V::loadu(s).store_bf16(d) };
     // SAFETY: features by the caller.
     unsafe { zip_map::<V, f32, u16>(src, dst, step, |s, _| scalar::f32_to_bf16_one(s)) }
@@ -483,21 +483,21 @@ struct QkAt<'a> {
 ///
 /// # Safety
 /// `V`'s features are enabled; rows `r0..r0+MQ` of `q` exist, `panel` is one whole panel
-/// (`QK_PANEL·d` floats), `ko + NV·LANES <= QK_PANEL` and `out` has the cells
-/// `(r0+a)·n + i0 + ko ..+NV·LANES`.
+/// (`QK_PANEL·d` floats), `ko + NV·EPR <= QK_PANEL` and `out` has the cells
+/// `(r0+a)·n + i0 + ko ..+NV·EPR`.
 #[inline(always)]
 unsafe fn qk_block<V: F32Vec, const MQ: usize, const NV: usize>(at: QkAt, out: &mut [f32]) {
     let (d, n, r0, i0, ko) = (at.d, at.n, at.r0, at.i0, at.ko);
     let (pq, pk, po) = (at.q.as_ptr(), at.panel.as_ptr(), out.as_mut_ptr());
-    // SAFETY: features by the caller; every load reads panel[j·P + ko + v·LANES ..+LANES]
-    // with ko + NV·LANES <= P, every q read one float of rows r0..r0+MQ, every store LANES
+    // SAFETY: features by the caller; every load reads panel[j·P + ko + v·EPR ..+EPR]
+    // with ko + NV·EPR <= P, every q read one float of rows r0..r0+MQ, every store EPR
     // floats of out inside the caller's bounds; unaligned loads and stores are fine.
     unsafe {
         let mut acc = [[V::splat(0.0); NV]; MQ];
         for j in 0..d {
             let mut k = [V::splat(0.0); NV];
             for (v, kv) in k.iter_mut().enumerate() {
-                *kv = V::loadu(pk.add(j * QK_PANEL + ko + v * V::LANES));
+                *kv = V::loadu(pk.add(j * QK_PANEL + ko + v * V::EPR));
             }
             for (a, row) in acc.iter_mut().enumerate() {
                 let qb = V::splat(*pq.add((r0 + a) * d + j));
@@ -508,7 +508,7 @@ unsafe fn qk_block<V: F32Vec, const MQ: usize, const NV: usize>(at: QkAt, out: &
         }
         for (a, row) in acc.iter().enumerate() {
             for (v, s) in row.iter().enumerate() {
-                s.storeu(po.add((r0 + a) * n + i0 + ko + v * V::LANES));
+                s.storeu(po.add((r0 + a) * n + i0 + ko + v * V::EPR));
             }
         }
     }
@@ -521,7 +521,7 @@ unsafe fn qk_block<V: F32Vec, const MQ: usize, const NV: usize>(at: QkAt, out: &
 /// scalar chain.
 ///
 /// # Safety
-/// `V`'s features are enabled; `NV·LANES == QK_PANEL`; `d`, `m = q.len()/d` and
+/// `V`'s features are enabled; `NV·EPR == QK_PANEL`; `d`, `m = q.len()/d` and
 /// `n = out.len()/m` are non-zero and `kt` holds every panel (the table's wrapper checked).
 #[inline(always)]
 pub(crate) unsafe fn qk_t_f32<V: F32Vec, const NV: usize>(
@@ -568,9 +568,9 @@ pub(crate) unsafe fn qk_t_f32<V: F32Vec, const NV: usize>(
             rows!(NV);
             at.ko = QK_PANEL;
         }
-        while at.ko + V::LANES <= w {
+        while at.ko + V::EPR <= w {
             rows!(1);
-            at.ko += V::LANES;
+            at.ko += V::EPR;
         }
         let ko = at.ko;
         // the last panel's leftover keys: the same chain, one at a time

@@ -55,7 +55,7 @@ pub(crate) fn table() -> Option<&'static Kernels> {
 // were `unsafe fn` even where NEON is enabled; the blocks stay for older toolchains.
 #[allow(unused_unsafe)]
 impl F32Vec for float32x4_t {
-    const LANES: usize = EPR;
+    const EPR: usize = EPR;
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
