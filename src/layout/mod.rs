@@ -17,7 +17,7 @@ mod validate;
 
 pub use crate::codec::GgmlType;
 pub(crate) use rows::PREFETCH_AHEAD;
-pub use rows::{borrow, borrow_mut, LayerMut, LayerRef, LayerRows};
+pub use rows::{borrow, borrow_mut, Layer, LayerMut, LayerRef, LayerRows};
 pub use validate::{validate, validate_cells};
 
 /// A tensor view as the host gave it, before validation.

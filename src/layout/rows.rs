@@ -9,21 +9,20 @@ use super::{Geom, LayerGeom, RawLayer};
 use crate::codec::{as_u16, decode, encode, GgmlType};
 use crate::simd::Kernels;
 
-/// Read-only access to one validated layer.
-pub struct LayerRef<'a> {
+/// One validated layer's rows, decoded and encoded with the kernel table it was borrowed
+/// with: `B` is `&[u8]` ([`LayerRef`]) or `&mut [u8]` ([`LayerMut`]).
+pub struct Layer<B> {
     pub geom: LayerGeom,
     kern: &'static Kernels,
-    k: &'a [u8],
-    v: &'a [u8],
+    k: B,
+    v: B,
 }
 
+/// Read-only access to one validated layer.
+pub type LayerRef<'a> = Layer<&'a [u8]>;
+
 /// Read-write access to one validated layer.
-pub struct LayerMut<'a> {
-    pub geom: LayerGeom,
-    kern: &'static Kernels,
-    k: &'a mut [u8],
-    v: &'a mut [u8],
-}
+pub type LayerMut<'a> = Layer<&'a mut [u8]>;
 
 /// Borrows the validated views read-only; their rows decode with `kern`.
 ///
@@ -35,40 +34,45 @@ pub unsafe fn borrow<'a>(
     geoms: &[LayerGeom],
     kern: &'static Kernels,
 ) -> Vec<LayerRef<'a>> {
-    raw.iter()
-        .zip(geoms)
-        .map(|(r, g)| LayerRef {
-            geom: *g,
-            kern,
-            // SAFETY: the caller guarantees validity for `span` bytes; an empty span never
-            // dereferences the (possibly NULL) pointer.
-            k: unsafe { bytes(r.k.data, g.k.span) },
-            // SAFETY: as above.
-            v: unsafe { bytes(r.v.data, g.v.span) },
-        })
-        .collect()
+    // SAFETY: forwarded from this function's contract.
+    unsafe { borrow_with(raw, geoms, kern, bytes) }
 }
 
 /// Borrows the validated views read-write; their rows decode and encode with `kern`.
 ///
 /// # Safety
 /// As [`borrow`], plus valid for writes and not read or written by anyone else during `'a`.
-/// [`super::validate`] has ensured that the views do not overlap one another.
+/// [`super::validate`] has ensured that the views do not overlap one another, so no two
+/// slices alias.
 pub unsafe fn borrow_mut<'a>(
     raw: &[RawLayer],
     geoms: &[LayerGeom],
     kern: &'static Kernels,
 ) -> Vec<LayerMut<'a>> {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { borrow_with(raw, geoms, kern, bytes_mut) }
+}
+
+/// Each view's `span` bytes as `B`, through `bytes`.
+///
+/// # Safety
+/// `bytes(data, span)` is sound for every view (the callers' contracts).
+unsafe fn borrow_with<B>(
+    raw: &[RawLayer],
+    geoms: &[LayerGeom],
+    kern: &'static Kernels,
+    bytes: unsafe fn(*mut u8, usize) -> B,
+) -> Vec<Layer<B>> {
     raw.iter()
         .zip(geoms)
-        .map(|(r, g)| LayerMut {
+        .map(|(r, g)| Layer {
             geom: *g,
             kern,
-            // SAFETY: the caller guarantees exclusive validity for `span` bytes, and the
-            // validated views are pairwise disjoint, so no two slices alias.
-            k: unsafe { bytes_mut(r.k.data, g.k.span) },
+            // SAFETY: the caller's contract; an empty span never dereferences the (possibly
+            // NULL) pointer.
+            k: unsafe { bytes(r.k.data, g.k.span) },
             // SAFETY: as above.
-            v: unsafe { bytes_mut(r.v.data, g.v.span) },
+            v: unsafe { bytes(r.v.data, g.v.span) },
         })
         .collect()
 }
@@ -104,7 +108,8 @@ fn row_range(g: &Geom, r: usize, w: usize) -> std::ops::Range<usize> {
     head_range(g, r, 0, w)
 }
 
-/// Reading a layer, shared by [`LayerRef`] and [`LayerMut`].
+/// Reading a layer, [`LayerRef`] or [`LayerMut`] (generic, so that the algorithm's readers take
+/// either).
 pub trait LayerRows {
     fn geom(&self) -> &LayerGeom;
     /// The kernel table the rows decode with (chosen when the views were borrowed).
@@ -190,7 +195,7 @@ pub trait LayerRows {
     }
 }
 
-impl LayerRows for LayerRef<'_> {
+impl<B: std::ops::Deref<Target = [u8]>> LayerRows for Layer<B> {
     fn geom(&self) -> &LayerGeom {
         &self.geom
     }
@@ -198,25 +203,10 @@ impl LayerRows for LayerRef<'_> {
         self.kern
     }
     fn k_bytes(&self) -> &[u8] {
-        self.k
+        &self.k
     }
     fn v_bytes(&self) -> &[u8] {
-        self.v
-    }
-}
-
-impl LayerRows for LayerMut<'_> {
-    fn geom(&self) -> &LayerGeom {
-        &self.geom
-    }
-    fn kern(&self) -> &'static Kernels {
-        self.kern
-    }
-    fn k_bytes(&self) -> &[u8] {
-        self.k
-    }
-    fn v_bytes(&self) -> &[u8] {
-        self.v
+        &self.v
     }
 }
 
