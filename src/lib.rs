@@ -3,9 +3,11 @@
 //!
 //! Layout: `ffi/` is the C boundary (the only place with exports), `layout` validates the
 //! host's ggml views and hands out safe row access, `merge/` is the algorithm in safe Rust,
-//! `simd/` the kernels, `quant` ggml's block formats, `cuda` the
-//! device path (kernels with the `cuda` feature, refusals without).
+//! `codec` turns a run of ggml elements into f32 and back, `simd/` the kernels, `quant`
+//! ggml's block formats, `cuda` the device path (kernels with the `cuda` feature, refusals
+//! without).
 
+pub mod codec;
 pub mod cuda;
 pub mod error;
 pub mod ffi;

@@ -6,7 +6,7 @@
 //! past the data without leaving the allocation, and a write there shows.
 
 use kvmerger::ffi::{kvm_layer_view, kvm_tensor_view};
-use kvmerger::layout::{decode, encode, GgmlType};
+use kvmerger::codec::{decode, encode, GgmlType};
 use kvmerger::simd::Kernels;
 
 use crate::input::{In, Rng, SPECIALS};

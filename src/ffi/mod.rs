@@ -271,7 +271,7 @@ pub unsafe extern "C" fn kvm_plan_init(
         let (raw, geoms) = layers_of(layers, n_layers)?;
         layout::validate_cells(cells, geoms[0].n_cells)?;
         // SAFETY: validated views; the caller keeps the buffers valid and unwritten during the call.
-        let views = unsafe { layout::borrow(&raw, &geoms) };
+        let views = unsafe { layout::borrow(&raw, &geoms, simd::kernels()) };
         let event = plan::Event {
             cells,
             attn,
@@ -339,7 +339,7 @@ pub unsafe extern "C" fn kvm_plan_apply(
         let p = try_ref!(plan as *const Plan, "plan");
         let (raw, geoms) = layers_of(layers, n_layers)?;
         // SAFETY: validated, pairwise disjoint views; the caller gives us exclusive access.
-        let mut views = unsafe { layout::borrow_mut(&raw, &geoms) };
+        let mut views = unsafe { layout::borrow_mut(&raw, &geoms, simd::kernels()) };
         apply::apply(&c.exec(), p, &mut views)
     })
 }
@@ -417,7 +417,7 @@ pub unsafe extern "C" fn kvm_attn_from_queries_layers(
         let bias = opt_slice!(bias, n_cells);
         let attn: &mut [f32] = try_slice_mut!(attn, n_cells, "attn");
         // SAFETY: validated views, caller keeps them valid during the call.
-        let views = unsafe { layout::borrow(&raw, &geoms) };
+        let views = unsafe { layout::borrow(&raw, &geoms, simd::kernels()) };
         attention::from_queries(&c.exec(), &views, &qs, n_q as usize, cells, bias, attn)
     })
 }
@@ -495,7 +495,7 @@ pub unsafe extern "C" fn kvm_calib_observe(
         let (raw, geoms) = layers_of(layers, n_layers)?;
         layout::validate_cells(cells, geoms[0].n_cells)?;
         // SAFETY: validated views, valid and unwritten during the call (caller's contract).
-        let views = unsafe { layout::borrow(&raw, &geoms) };
+        let views = unsafe { layout::borrow(&raw, &geoms, simd::kernels()) };
         // Observe into a copy so a failure leaves the profile as it was.
         let mut next = cal.clone();
         next.observe(&c.exec(), &views, cells)?;

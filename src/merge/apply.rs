@@ -17,7 +17,6 @@ use super::plan::Plan;
 use super::{Exec, Method, Sigma, ValueMode};
 use crate::error::{Error, Result};
 use crate::layout::{LayerGeom, LayerMut, LayerRows, PREFETCH_AHEAD};
-use crate::simd::Kernels;
 
 pub fn apply(ex: &Exec, plan: &Plan, layers: &mut [LayerMut<'_>]) -> Result<()> {
     let geoms: Vec<LayerGeom> = layers.iter().map(|l| l.geom).collect();
@@ -30,7 +29,7 @@ pub fn apply(ex: &Exec, plan: &Plan, layers: &mut [LayerMut<'_>]) -> Result<()> 
     ex.pool.install(|| {
         layers
             .par_iter_mut()
-            .for_each(|l| apply_layer(ex.kern, plan, &merged, l))
+            .for_each(|l| apply_layer(plan, &merged, l))
     });
     Ok(())
 }
@@ -166,7 +165,6 @@ fn saturate(out: &mut [f32], lim: f32) {
 /// Reads the `m` members' key rows into `keys` and puts member `j`'s squared key distance to
 /// the pivot (member `jp`) in KV head `h` at `d2[h·m + j]`.
 fn read_distances(
-    kern: &'static Kernels,
     plan: &Plan,
     mem: &[usize],
     jp: usize,
@@ -177,13 +175,10 @@ fn read_distances(
     let g = l.geom;
     let (m, wk) = (mem.len(), g.n_head * g.dk);
     for (j, &i) in mem.iter().enumerate() {
-        l.read_k_row(
-            kern,
-            plan.cells[i] as usize,
-            &mut keys[j * wk..(j + 1) * wk],
-        );
+        l.read_k_row(plan.cells[i] as usize, &mut keys[j * wk..(j + 1) * wk]);
     }
-    kern.head_sqdists_f32(&keys[..m * wk], wk, g.dk, jp, &mut d2[..g.n_head * m]);
+    l.kern()
+        .head_sqdists_f32(&keys[..m * wk], wk, g.dk, jp, &mut d2[..g.n_head * m]);
 }
 
 /// For `Sigma::Layer(r)`, each KV head's σ for this layer: `r` times the root-mean-square
@@ -192,7 +187,6 @@ fn read_distances(
 /// sum runs over the sets in plan order, so σ does not depend on the thread count. `None` for
 /// every other mode.
 fn head_sigmas(
-    kern: &'static Kernels,
     plan: &Plan,
     merged: &[(usize, &Vec<usize>)],
     l: &LayerMut<'_>,
@@ -206,7 +200,7 @@ fn head_sigmas(
     let mut acc = SigmaAcc::new(g.n_head);
     for &(sid, mem) in merged {
         let jp = pivot_index(plan, sid, mem);
-        read_distances(kern, plan, mem, jp, l, keys, d2);
+        read_distances(plan, mem, jp, l, keys, d2);
         acc.add(&d2[..g.n_head * mem.len()], mem.len(), jp);
     }
     Some(acc.sigmas(r))
@@ -304,13 +298,9 @@ pub fn set_weights(
     }
 }
 
-fn apply_layer(
-    kern: &'static Kernels,
-    plan: &Plan,
-    merged: &[(usize, &Vec<usize>)],
-    l: &mut LayerMut<'_>,
-) {
+fn apply_layer(plan: &Plan, merged: &[(usize, &Vec<usize>)], l: &mut LayerMut<'_>) {
     let g = l.geom;
+    let kern = l.kern();
     let p = &plan.params;
     let (wk, wv) = (g.n_head * g.dk, g.n_head * g.dv);
     let max_m = merged.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
@@ -324,7 +314,7 @@ fn apply_layer(
     let mut w = vec![0f32; g.n_head * max_m];
     let mut cnt = vec![0f32; max_m];
     let mut att = vec![0f32; max_m];
-    let sigma_h = head_sigmas(kern, plan, merged, l, &mut keys, &mut d2);
+    let sigma_h = head_sigmas(plan, merged, l, &mut keys, &mut d2);
     for (k, &(sid, mem)) in merged.iter().enumerate() {
         // The members' rows are scattered over a cache the model's last pass has just pushed
         // out of the CPU caches; asking for a later set's rows now overlaps those misses with
@@ -342,7 +332,7 @@ fn apply_layer(
         let m = mem.len();
         let jp = pivot_index(plan, sid, mem);
         let pc = plan.cells[mem[jp]] as usize;
-        read_distances(kern, plan, mem, jp, l, &mut keys, &mut d2);
+        read_distances(plan, mem, jp, l, &mut keys, &mut d2);
         set_weights(
             plan,
             sigma_h.as_deref(),
@@ -357,15 +347,11 @@ fn apply_layer(
         if p.merge_keys {
             kern.weighted_heads_f32(&keys, g.dk, &w[..g.n_head * m], &mut out_k);
             clamp_to_members(&mut out_k, &keys[..m * wk], g.k.ty.max_finite());
-            l.write_k_row(kern, pc, &out_k);
+            l.write_k_row(pc, &out_k);
         }
         if p.merge_values {
             for (j, &i) in mem.iter().enumerate() {
-                l.read_v_row(
-                    kern,
-                    plan.cells[i] as usize,
-                    &mut vals[j * wv..(j + 1) * wv],
-                );
+                l.read_v_row(plan.cells[i] as usize, &mut vals[j * wv..(j + 1) * wv]);
             }
             kern.weighted_heads_f32(&vals, g.dv, &w[..g.n_head * m], &mut out_v);
             clamp_to_members(&mut out_v, &vals[..m * wv], g.v.ty.max_finite());
@@ -373,20 +359,20 @@ fn apply_layer(
                 out_v.iter_mut().for_each(|x| *x *= m as f32);
                 saturate(&mut out_v, g.v.ty.max_finite());
             }
-            l.write_v_row(kern, pc, &out_v);
+            l.write_v_row(pc, &out_v);
         }
     }
     if p.method == Method::Cam {
         for fold in &plan.cam {
             let tc = plan.cells[fold.target] as usize;
-            l.read_v_row(kern, tc, &mut out_v);
+            l.read_v_row(tc, &mut out_v);
             let src = &mut vals[..wv];
             for &(e, wt) in &fold.sources {
-                l.read_v_row(kern, plan.cells[e] as usize, src);
+                l.read_v_row(plan.cells[e] as usize, src);
                 kern.axpy_f32(&mut out_v, wt, src);
             }
             saturate(&mut out_v, g.v.ty.max_finite());
-            l.write_v_row(kern, tc, &out_v);
+            l.write_v_row(tc, &out_v);
         }
     }
 }

@@ -225,7 +225,7 @@ fn unit<L: LayerRows>(
             ex.kern.pack_keys_f16(&rows[..pc.len()], panel);
         } else {
             for (t, &c) in pc.iter().enumerate() {
-                layer.read_k(ex.kern, c as usize, hk, &mut row);
+                layer.read_k(c as usize, hk, &mut row);
                 for (j, &x) in row.iter().enumerate() {
                     panel[j * QK_PANEL + t] = x;
                 }

@@ -162,7 +162,7 @@ impl Calib {
         let per_layer: Vec<Vec<f32>> = ex.pool.install(|| {
             layers
                 .par_iter()
-                .map(|l| layer_adjacent(ex.kern, l, cells))
+                .map(|l| layer_adjacent(l, cells))
                 .collect()
         });
         for (st, cos) in self.layers.iter_mut().zip(&per_layer) {

@@ -13,7 +13,6 @@ use super::calib::Calib;
 use super::Exec;
 use crate::error::Result;
 use crate::layout::{LayerRows, PREFETCH_AHEAD};
-use crate::simd::Kernels;
 
 /// Cosine that treats zero vectors and non-finite data as "not similar" (−1), so a broken or
 /// empty row never attracts a merge.
@@ -30,8 +29,9 @@ fn cosine(dot: f32, n2a: f32, n2b: f32) -> f32 {
 
 /// Per layer, the head-mean cosine of each adjacent pair of window cells (`cells.len() − 1`
 /// values).
-pub fn layer_adjacent<L: LayerRows>(kern: &'static Kernels, layer: &L, cells: &[u32]) -> Vec<f32> {
+pub fn layer_adjacent<L: LayerRows>(layer: &L, cells: &[u32]) -> Vec<f32> {
     let g = layer.geom();
+    let kern = layer.kern();
     let n = cells.len();
     if n < 2 {
         return Vec::new();
@@ -49,7 +49,7 @@ pub fn layer_adjacent<L: LayerRows>(kern: &'static Kernels, layer: &L, cells: &[
     let mut norms = vec![0f32; g.n_head];
     let mut prev_norms = vec![0f32; g.n_head];
     for (i, &c) in cells.iter().enumerate() {
-        layer.read_k_row(kern, c as usize, &mut cur);
+        layer.read_k_row(c as usize, &mut cur);
         kern.head_dots_f32(&cur, &prev, g.dk, &mut dots, &mut norms);
         if i > 0 {
             for h in 0..g.n_head {
@@ -92,7 +92,7 @@ pub fn adjacent_per_layer<L: LayerRows + Sync>(
     ex.pool.install(|| {
         layers
             .par_iter()
-            .map(|l| layer_adjacent(ex.kern, l, cells))
+            .map(|l| layer_adjacent(l, cells))
             .collect()
     })
 }
@@ -168,8 +168,8 @@ pub fn pair_cos_per_layer<L: LayerRows + Sync>(
                                 l.prefetch_k_row(cells[fb] as usize);
                             }
                         }
-                        let sa = rows.get(ex.kern, l, cells, a, false);
-                        let sb = rows.get(ex.kern, l, cells, b, true);
+                        let sa = rows.get(l, cells, a, false);
+                        let sb = rows.get(l, cells, b, true);
                         ex.kern
                             .head_dots_f32(rows.row(sa), rows.row(sb), g.dk, &mut dots, &mut na);
                         let nb = rows.norms(sb);
@@ -229,21 +229,13 @@ impl RowCache {
 
     /// The slot holding window cell `i`'s key, decoded if it is not held, with its norms when
     /// `norms`.
-    fn get<L: LayerRows>(
-        &mut self,
-        kern: &Kernels,
-        l: &L,
-        cells: &[u32],
-        i: usize,
-        norms: bool,
-    ) -> usize {
+    fn get<L: LayerRows>(&mut self, l: &L, cells: &[u32], i: usize, norms: bool) -> usize {
         self.clock += 1;
         let s = match self.tag.iter().position(|&t| t == i) {
             Some(s) => s,
             None => {
                 let s = (0..ROW_SLOTS).min_by_key(|&s| self.used[s]).expect("slots");
                 l.read_k_row(
-                    kern,
                     cells[i] as usize,
                     &mut self.rows[s * self.w..(s + 1) * self.w],
                 );
@@ -261,7 +253,9 @@ impl RowCache {
             // `dot_f32` per head: the bits `head_dots_f32` gives as a row's own norms.
             let dk = self.w / self.n_head;
             for (h, n) in nr.iter_mut().enumerate() {
-                *n = kern.dot_f32(&row[h * dk..(h + 1) * dk], &row[h * dk..(h + 1) * dk]);
+                *n = l
+                    .kern()
+                    .dot_f32(&row[h * dk..(h + 1) * dk], &row[h * dk..(h + 1) * dk]);
             }
             self.normed[s] = true;
         }
@@ -316,7 +310,7 @@ pub fn mean_dist_per_layer<L: LayerRows + Sync>(
                         mean.iter_mut().for_each(|m| *m = 0.0);
                         for (j, &i) in set.iter().enumerate() {
                             let k = &mut keys[j * w..(j + 1) * w];
-                            l.read_k_row(ex.kern, cells[i] as usize, k);
+                            l.read_k_row(cells[i] as usize, k);
                             ex.kern.axpy_f32(&mut mean, counts[i] as f32 / total, k);
                         }
                         (0..set.len())

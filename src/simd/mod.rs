@@ -1,7 +1,9 @@
 //! The hot loops, in one table of kernels chosen once per process.
 //!
 //! Every kernel exists as a scalar reference (`scalar.rs`, always compiled) and, where the CPU
-//! has them, as AVX2+FMA+F16C (`avx2.rs`) or NEON (`neon.rs`) versions. [`kernels()`] picks the
+//! has them, as AVX2+FMA+F16C (`avx2.rs`) or NEON (`neon.rs`) versions: each kernel is written
+//! once (`generic.rs`) over a vector of f32 lanes that the ISA modules implement, and
+//! instantiated per ISA under its `#[target_feature]`. [`kernels()`] picks the
 //! best table once (runtime CPUID on x86_64; NEON is the aarch64 baseline, so it is chosen by
 //! `cfg`) and every caller goes through the safe methods of [`Kernels`]. Tests build a specific
 //! table with [`Kernels::scalar`] / [`Kernels::avx2`] / [`Kernels::neon`] and compare.
@@ -14,164 +16,14 @@ use std::sync::OnceLock;
 /// Keys per panel of [`Kernels::qk_t_f32`]'s packed layout.
 pub const QK_PANEL: usize = 16;
 
-/// An ISA's [`QkBlocks`]: its `qk_block` with a whole panel being `$nv` registers wide.
-/// (Before the ISA modules, so that they see it.)
-macro_rules! qk_blocks {
-    ($name:ident, $nv:literal) => {
-        /// This ISA's blocks for the shared driver.
-        struct $name;
-
-        impl super::QkBlocks for $name {
-            const EPR: usize = EPR;
-            #[inline(always)]
-            unsafe fn block<const MQ: usize, const WHOLE: bool>(at: QkAt, out: &mut [f32]) {
-                // SAFETY: the driver's bounds; a whole panel is $nv registers wide.
-                unsafe {
-                    if WHOLE {
-                        qk_block::<MQ, $nv>(at, out)
-                    } else {
-                        qk_block::<MQ, 1>(at, out)
-                    }
-                }
-            }
-        }
-    };
-}
+#[macro_use]
+mod generic;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
 pub(crate) mod scalar;
-
-/// Where one register block of a `qk_t_f32` kernel works: query rows `r0..` of `q` (`d`
-/// wide), columns `ko..` of `panel`, output cells `(r0+a)·n + i0 + ko..` of `out`.
-#[derive(Clone, Copy)]
-pub(crate) struct QkAt<'a> {
-    pub q: &'a [f32],
-    pub d: usize,
-    pub panel: &'a [f32],
-    pub n: usize,
-    pub r0: usize,
-    pub i0: usize,
-    pub ko: usize,
-}
-
-/// The register blocks of one ISA's `qk_t_f32`, for the shared [`qk_t_driver`].
-pub(crate) trait QkBlocks {
-    /// f32 lanes per register.
-    const EPR: usize;
-    /// `MQ` query rows × a whole panel (`WHOLE`, from column 0) or × one register of keys.
-    ///
-    /// # Safety
-    /// The ISA's features are enabled (call only from an entry compiled with them); rows
-    /// `r0..r0+MQ` exist, the keys `ko..` of the block are inside the panel's valid columns
-    /// and `out` holds the block's cells.
-    unsafe fn block<const MQ: usize, const WHOLE: bool>(at: QkAt, out: &mut [f32]);
-}
-
-/// The loop of every ISA's `qk_t_f32` around its register blocks: one panel (16 keys,
-/// `16·d` contiguous floats) at a time goes through every query row, 4 rows per block, while
-/// it sits in L1; a last, partial panel goes one register of keys at a time, then key by key
-/// with the scalar chain. Inlined into each entry, so it is compiled with the entry's features.
-///
-/// # Safety
-/// `B`'s features are enabled; `d`, `m = q.len()/d` and `n = out.len()/m` are non-zero and
-/// `kt` holds every panel (the table's wrapper checked).
-#[inline(always)]
-pub(crate) unsafe fn qk_t_driver<B: QkBlocks>(q: &[f32], d: usize, kt: &[f32], out: &mut [f32]) {
-    let m = q.len() / d;
-    let n = out.len() / m;
-    for (p, panel) in kt
-        .chunks_exact(QK_PANEL * d)
-        .take(n.div_ceil(QK_PANEL))
-        .enumerate()
-    {
-        let i0 = p * QK_PANEL;
-        let w = (n - i0).min(QK_PANEL);
-        let mut at = QkAt {
-            q,
-            d,
-            panel,
-            n,
-            r0: 0,
-            i0,
-            ko: 0,
-        };
-        // Every block: features by the caller; r0 + MQ <= m and ko + keys <= w <= P.
-        macro_rules! rows {
-            ($whole:literal) => {
-                at.r0 = 0;
-                while at.r0 + 4 <= m {
-                    // SAFETY: see above.
-                    unsafe { B::block::<4, $whole>(at, out) };
-                    at.r0 += 4;
-                }
-                while at.r0 < m {
-                    // SAFETY: see above.
-                    unsafe { B::block::<1, $whole>(at, out) };
-                    at.r0 += 1;
-                }
-            };
-        }
-        if w == QK_PANEL {
-            rows!(true);
-            at.ko = QK_PANEL;
-        }
-        while at.ko + B::EPR <= w {
-            rows!(false);
-            at.ko += B::EPR;
-        }
-        let ko = at.ko;
-        // the last panel's leftover keys: the same chain, one at a time
-        for r in 0..m {
-            for c in ko..w {
-                let mut s = 0f32;
-                for j in 0..d {
-                    s = q[r * d + j].mul_add(panel[j * QK_PANEL + c], s);
-                }
-                out[r * n + i0 + c] = s;
-            }
-        }
-    }
-}
-
-/// The register block of one ISA's `pack_keys_f16`, for the shared [`pack_keys_f16_driver`].
-pub(crate) trait PackBlock {
-    /// Rows and channels per block (the block is square).
-    const W: usize;
-    /// Channels `j..j+W` of the `W` rows of `block`, widened and transposed into panel columns
-    /// `g..g+W` (`panel[(j+c)·QK_PANEL + g + i]`).
-    ///
-    /// # Safety
-    /// The ISA's features are enabled; `block` has `W` rows of at least `j + W` channels,
-    /// `g + W <= QK_PANEL` and `panel` holds channel `j + W - 1`'s row of the panel.
-    unsafe fn block(block: &[&[u16]], j: usize, panel: &mut [f32], g: usize);
-}
-
-/// The loop of every ISA's `pack_keys_f16` around its block: whole `W × W` blocks of rows and
-/// channels in registers, the leftover channels and rows with the scalar code. Inlined into
-/// each entry, so it is compiled with the entry's features.
-///
-/// # Safety
-/// `B`'s features are enabled; `rows.len() <= QK_PANEL` and every row holds
-/// `panel.len() / QK_PANEL` channels (the table's wrapper checked).
-#[inline(always)]
-pub(crate) unsafe fn pack_keys_f16_driver<B: PackBlock>(rows: &[&[u16]], panel: &mut [f32]) {
-    let d = panel.len() / QK_PANEL;
-    let dw = d - d % B::W;
-    let full = rows.len() - rows.len() % B::W;
-    for g in (0..full).step_by(B::W) {
-        let block = &rows[g..g + B::W];
-        for j in (0..dw).step_by(B::W) {
-            // SAFETY: features by the caller; j + W <= dw <= d channels per row, g + W <= full
-            // <= QK_PANEL.
-            unsafe { B::block(block, j, panel, g) };
-        }
-        scalar::pack_keys_f16_cols_at(block, g, dw, panel);
-    }
-    scalar::pack_keys_f16_cols_at(&rows[full..], full, 0, panel);
-}
 
 /// `(logit, kq_scale, bias, acc)`, see [`Kernels::softmax_acc`].
 type SoftmaxAcc = unsafe fn(&mut [f32], f32, Option<&[f32]>, &mut [f32]);

@@ -2,8 +2,8 @@
 //! type and V layout, exposed as `kvm_layer_view`s, and a small deterministic RNG.
 #![allow(dead_code)]
 
+use kvmerger::codec::{decode, encode, GgmlType};
 use kvmerger::ffi::{kvm_layer_view, kvm_tensor_view};
-use kvmerger::layout::{decode, encode, GgmlType};
 use kvmerger::simd::Kernels;
 
 /// splitmix64: deterministic, dependency-free.
