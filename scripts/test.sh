@@ -50,4 +50,9 @@ if [ "${KVM_TEST_QUICK:-0}" != 1 ]; then
     python3 tests/server/chat.py --bin build/llama.cpp-build/bin --model "$(scripts/fetch-model.sh)" \
         --threads "${KVM_TEST_THREADS:-2}"
 fi
+if [ "${KVM_TEST_QUICK:-0}" != 1 ]; then
+    say "load: 4 slots, concurrent chats and prompts past the context, cancels and disconnects (tests/server/load.py)"
+    python3 tests/server/load.py --bin build/llama.cpp-build/bin --model "$(scripts/fetch-model.sh)" \
+        --threads "${KVM_TEST_THREADS:-2}"
+fi
 say "all tests passed"
