@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Confidence intervals for the streaming-PPL task of a kvm_eval run: eval/ci.py RESULTS_DIR
 
-  eval/ci.py RESULTS_DIR [--ref best] [--block 64] [--reps 2000] [--seed 1]
+  eval/ci.py RESULTS_DIR [--ref best] [--block 64] [--reps 2000] [--seed 1] [--kinds KINDS]
 
 Reads nll.bin and nll_index.csv (the per-token negative log-likelihoods kvm_eval writes) and
 prints, and writes to ci.csv and cmp.csv:
 
   gap closed, (ppl_shift - ppl) / (ppl_shift - ppl_full), with a 95 % interval, per text and
-  budget (mean over the text's windows) and per budget over every text and window;
+  budget (mean over the text's windows), per kind of text (--kinds: the windows of its texts,
+  shown as [kind]) and per budget over every text and window;
   the reference method's (--ref) perplexity relative to each other method's, in percent
   (geometric mean over windows), with a 95 % interval and the share of replicates in which the
   reference is lower; cmp.csv also has the difference in gap closed with its interval.
@@ -103,6 +104,8 @@ def main():
     ap.add_argument("--block", type=int, default=64, help="tokens per resampled block (default 64)")
     ap.add_argument("--reps", type=int, default=2000, help="bootstrap replicates (default 2000)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--kinds", help="the kind of each text, 'text=kind' words, comma- or space-separated, or a file of"
+                    " them (scripts/eval-texts.sh writes OUTDIR/KINDS): adds a column per kind, over its texts' windows")
     a = ap.parse_args()
     if a.block < 1 or a.reps < 10:
         sys.exit("ci: --block must be >= 1 and --reps >= 10")
@@ -151,8 +154,17 @@ def main():
     budgets = sorted({k[2] for k in keys}, key=float)
     texts = sorted({k[0] for k in keys})
     groups = [(t, b) for b in budgets for t in texts if any(k[0] == t and k[2] == b for k in keys)]
+    kind_of = {}
+    if a.kinds:
+        spec = open(a.kinds).read() if os.path.isfile(a.kinds) else a.kinds
+        for w in spec.replace(",", " ").split():
+            if "=" not in w:
+                sys.exit(f"ci: --kinds: '{w}' is not text=kind")
+            kind_of[w.split("=", 1)[0]] = "[" + w.split("=", 1)[1] + "]"
+    kinds = sorted({kind_of[t] for t in texts if t in kind_of})
+    groups += [(g, b) for b in budgets for g in kinds]
     groups += [("all", b) for b in budgets]
-    members = lambda t, b: [k for k in keys if k[2] == b and (t == "all" or k[0] == t)]
+    members = lambda t, b: [k for k in keys if k[2] == b and (t == "all" or k[0] == t or kind_of.get(k[0]) == t)]
 
     def over_windows(ks, pt, rp):
         # the mean over windows of a per-window value, and of its replicates (replicate r of

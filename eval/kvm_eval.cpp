@@ -313,6 +313,12 @@ static void usage() {
 //   recent_frac  > 0: n_recent = round(recent_frac * capacity) (a window that scales with the budget)
 //   calib        1: link scores through the calibration profile (--calib or --calib-text)
 //   full, shift  1: the full cache (upper bound), llama.cpp's context shift (lower bound)
+//   tool         1: what the tools' --kv-merge passes (common_kv_merge_params with no other flag):
+//                llama_kv_merge_default_params() as is, n_threads from -t, no kvm_params (the
+//                patch derives them from the llama fields); the row's other kvm_params words are
+//                refused, and kp shows what the patch derives
+//   keep         > 0: cells kept of the shifted window per event, as --kv-merge-keep
+//                (common_kv_merge_n_free: a fraction if < 1, else a count); overrides --n-free*
 
 struct Method {
     std::string name;
@@ -324,6 +330,8 @@ struct Method {
     std::string missing;      // non-empty: needs what the patch lacks; not run
     float recent_frac = 0;    // > 0: n_recent = round(recent_frac * capacity)
     bool calib = false;       // link scores through the calibration profile (--calib or --calib-text)
+    bool tool = false;        // llama_kv_merge_default_params() as the tools pass it (no kvm_params)
+    float keep = 0;           // > 0: --kv-merge-keep (event size as the tools), overrides --n-free*
 };
 
 struct MethodRow {
@@ -363,6 +371,11 @@ static const MethodRow k_methods[] = {
       "@best" },
     // our best merging configuration on both models (findings: evict-fold): H2O's choice of who
     // leaves plus the folding; the same parameters as abl_evict_fold, so the two give the same bits
+    // exactly what --kv-merge runs with no other flag (common_kv_merge_params,
+    // common_kv_merge_n_free): the library defaults through the llama fields, and events that
+    // keep half of the window after n_keep (--kv-merge-keep 0.5), whatever --n-free-frac says
+    { "default", "main", "what the tools' --kv-merge runs with no other flag: llama_kv_merge_default_params() (EVICT_FOLD, sinks 4, recent 32, attention), n_threads from -t, --kv-merge-keep 0.5 (each event frees half of the cells after n_keep, as context shift)",
+      "tool=1 keep=0.5" },
     { "evict_fold", "main", "our best merging configuration: EVICT_FOLD, H2O decides who leaves (sinks, recent 32, attention), each leaving cell folded into its more similar surviving neighbour (Gaussian-kernel weights)",
       "method=evict-fold" },
     { "abl_best_keepkey", "ablation", "best, keys not averaged (the pivot's key), values averaged",
@@ -578,6 +591,8 @@ static bool set_method_word(Method & m, const std::string & word, int depth = 0)
     else if (k == "calib")        { m.calib         = f != 0; }
     else if (k == "full")         { m.is_full       = f != 0; }
     else if (k == "shift")        { m.is_shift      = f != 0; }
+    else if (k == "tool")         { m.tool          = f != 0; }
+    else if (k == "keep")         { m.keep          = f; }
     else                          { return false; }
     return true;
 }
@@ -593,10 +608,28 @@ static std::vector<Method> make_methods(int threads) {
         m.kp.method    = KVM_METHOD_KVMERGER;
         m.kp.n_threads = (uint32_t) std::max(0, threads);
         for (const auto & w : split(row.params, ' ')) {
-            if (!set_method_word(m, w)) {
+            const bool knob = w.rfind("tool=", 0) == 0 || w.rfind("keep=", 0) == 0;
+            if (!set_method_word(m, w) || (m.tool && !knob && !w.empty())) {
                 fprintf(stderr, "kvm_eval: method %s: bad parameter '%s'\n", row.name, w.c_str());
                 exit(1);
             }
+        }
+        if (m.tool) {
+            // what the patch derives from llama_kv_merge_default_params() (llama-kv-cache.cpp,
+            // seq_merge: kvm_params_default() overwritten by the llama fields); shown in
+            // methods.csv, not passed
+            const llama_kv_merge_params d = llama_kv_merge_default_params();
+            m.kp.method       = (decltype(m.kp.method)) d.method;
+            m.kp.n_sink       = (uint32_t) std::max(0, d.n_sink);
+            m.kp.n_recent     = (uint32_t) std::max(0, d.n_recent);
+            m.kp.heavy_frac   = d.heavy_frac;
+            m.kp.sim_floor    = d.sim_floor;
+            m.kp.value_mode   = (decltype(m.kp.value_mode)) d.value_mode;
+            m.kp.merge_keys   = d.merge_keys;
+            m.kp.merge_values = d.merge_values;
+            m.kp.pivot        = (decltype(m.kp.pivot)) (d.use_attn ? KVM_PIVOT_ATTENTION : KVM_PIVOT_QUERY_FREE);
+            m.kp.age_bias     = d.age_bias;
+            m.kp.max_set      = (uint32_t) std::max(0, d.max_set);
         }
         ms.push_back(m);
     }
@@ -716,6 +749,11 @@ struct Feeder {
         }
         p = llama_kv_merge_default_params();
         p.n_threads  = (int32_t) kp.n_threads;
+        if (m.tool) {
+            // common_kv_merge_params() for --kv-merge with no other flag: the defaults, n_threads from -t
+            p.n_threads = std::min(g_threads, 256);
+            return;
+        }
         p.kvm_params = &kp;
         if (m.calib) {
             p.calib_path = o.calib.c_str();
@@ -743,7 +781,13 @@ struct Feeder {
         }
         // context shift is the stock baseline: it always discards half
         int n_free = (n_past - n_keep) / 2;
-        if (!m.is_shift && o.n_free_frac > 0) {
+        if (!m.is_shift && m.keep > 0) {
+            // common_kv_merge_n_free(): --kv-merge-keep of the window after n_keep
+            const int n_left = n_past - n_keep;
+            int kept = m.keep < 1 ? (int) std::lround(m.keep * n_left) : (int) m.keep;
+            kept = std::max(1, std::min(kept, n_left));
+            n_free = n_left - kept;
+        } else if (!m.is_shift && o.n_free_frac > 0) {
             n_free = (int) std::lround(o.n_free_frac * C);
         } else if (!m.is_shift && o.n_free > 0) {
             n_free = o.n_free;
@@ -1216,7 +1260,7 @@ int main(int argc, char ** argv) {
             .i("method", m.is_full ? -1 : m.is_shift ? -2 : kp.method).i("n_sink", kp.n_sink).i("n_recent", kp.n_recent).f("recent_frac", m.recent_frac, 3)
             .f("heavy_frac", kp.heavy_frac, 3).f("sim_floor", kp.sim_floor, 2).i("value_mode", kp.value_mode)
             .i("merge_keys", kp.merge_keys).i("merge_values", kp.merge_values).i("use_attn", kp.pivot == KVM_PIVOT_ATTENTION)
-            .i("calib", m.calib).f("age_bias", kp.age_bias, 2).i("max_set", kp.max_set)
+            .i("calib", m.calib).i("tool", m.tool).f("keep", m.keep, 3).f("age_bias", kp.age_bias, 2).i("max_set", kp.max_set)
             .i("max_count", kp.max_count).i("sigma_mode", kp.sigma_mode).s("missing", m.missing));
     }
     const double t_start = now_ms();

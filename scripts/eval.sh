@@ -10,6 +10,9 @@
 #   scripts/eval.sh [--full] -- ARGS   extra arguments for the harness (build/eval/kvm_eval -h)
 #   scripts/eval.sh --update-reference  the short run, written over the committed reference
 #                                   results/short (then review and commit it)
+#   scripts/eval.sh --texts SET     the texts of scripts/eval-texts.sh instead of gpl3 + pydoc:
+#                                   SET = tuning, heldout or all (eval/README.md, "Texts"); no
+#                                   choice is made on the held-out ones
 #
 # Steps: build the patched llama.cpp only if its tools are missing (scripts/build-llama.sh),
 # build the harness (scripts/build-eval.sh), fetch the model (scripts/fetch-model.sh), prepare two
@@ -29,12 +32,14 @@ cd "$REPO"
 MODE=short
 EXTRA=()
 UPDATE_REF=0
+TEXTS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --full) MODE=full; shift ;;
         --update-reference) UPDATE_REF=1; shift ;;
+        --texts) [ $# -ge 2 ] || { echo "eval: --texts takes tuning, heldout or all" >&2; exit 1; }; TEXTS="$2"; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "eval: unknown argument $1 (extra harness arguments go after --)" >&2; exit 1 ;;
     esac
 done
@@ -42,7 +47,7 @@ RUN="${KVM_RUN:-$MODE}"
 OUT="${KVM_OUT:-$REPO/out/$RUN}"
 if [ "$UPDATE_REF" = 1 ]; then
     # the committed reference is the plain short run, nothing else
-    if [ "$MODE" != short ] || [ ${#EXTRA[@]} -gt 0 ] || [ -n "${KVM_OUT:-}" ]; then
+    if [ "$MODE" != short ] || [ ${#EXTRA[@]} -gt 0 ] || [ -n "${KVM_OUT:-}" ] || [ -n "$TEXTS" ]; then
         echo "eval: --update-reference is the plain short run (no --full, no KVM_OUT, no extra arguments)" >&2
         exit 1
     fi
@@ -92,9 +97,23 @@ else
     T1=pydoc2
 fi
 
+# the texts of scripts/eval-texts.sh (its header has the sources and the split)
+TEXT_ARGS=(--text "$T1=$TXT/$T1.txt" --text "pydoc=$TXT/pydoc.txt")
+if [ -n "$TEXTS" ]; then
+    scripts/eval-texts.sh "$TXT"
+    case "$TEXTS" in
+        tuning)  NAMES="$(sed -n 's/^tuning: //p' "$TXT/SPLIT")" ;;
+        heldout) NAMES="$(sed -n 's/^held-out: //p' "$TXT/SPLIT")" ;;
+        all)     NAMES="$(sed -n 's/^[a-z-]*: //p' "$TXT/SPLIT" | tr '\n' ' ')" ;;
+        *) echo "eval: --texts takes tuning, heldout or all" >&2; exit 1 ;;
+    esac
+    TEXT_ARGS=()
+    for n in $NAMES; do TEXT_ARGS+=(--text "$n=$TXT/$n.txt"); done
+fi
+
 # 5. run
 # the profile goes beside the texts, which git ignores, also under results/short
-ARGS=(-m "$MODEL" --text "$T1=$TXT/$T1.txt" --text "pydoc=$TXT/pydoc.txt" --out "$OUT" -t "$THREADS"
+ARGS=(-m "$MODEL" "${TEXT_ARGS[@]}" --out "$OUT" -t "$THREADS"
       --calib-text "$TXT/calib.txt" --calib "$TXT/calib.profile")
 [ "$MODE" = full ] && ARGS+=(--full)
 echo "eval: build/eval/kvm_eval ${ARGS[*]} ${EXTRA[*]:-}" >&2
@@ -106,6 +125,6 @@ echo "eval: $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt" >&2
 python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
 python3 eval/plot.py "$OUT"
 if [ -f "$OUT/nll_index.csv" ]; then
-    python3 eval/ci.py "$OUT" | tee "$OUT/ci.txt"
+    python3 eval/ci.py "$OUT" ${TEXTS:+--kinds "$TXT/KINDS"} | tee "$OUT/ci.txt"
 fi
 echo "eval: results in $OUT" >&2
