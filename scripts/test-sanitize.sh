@@ -16,8 +16,10 @@
 # halt_on_error=1:print_stacktrace=1 (test-llama.sh's defaults for a sanitized build; set them to override),
 # timeouts x4, and every log is scanned for reports at the end.
 #
-# Not in CI: on 2 cores the build takes about 50 minutes and the tests about 30 (see the numbers in the
-# commit that added this script); CI runs the same scenarios on the normal build (scripts/test.sh).
+# Not in CI: on 2 shared cores (load 8-10) the build took about 90 minutes, and single runs took 2-4x the
+# normal build's time (llama-completion -n 700: 64-112 s locally, 122-231 s through RPC; state_roundtrip
+# through RPC 844 s), far past the ~10 minutes CI could give it. CI runs the same scenarios on the normal build
+# (scripts/test.sh).
 #
 # Env: KVM_JOBS (default 2), KVM_TEST_THREADS, KVM_TEST_KEEP: as in build-llama.sh / test-llama.sh
 set -euo pipefail
