@@ -6,7 +6,7 @@
 # A change in the Rust crate only relinks: libkvmerger.a is an IMPORTED library in the patched CMake.
 #
 # Env: KVM_JOBS       parallel jobs (default: nproc)
-#      KVM_TARGETS    targets (default: llama-cli llama-server llama-completion llama-passkey)
+#      KVM_TARGETS    targets (default: llama-cli llama-server llama-completion llama-passkey ggml-rpc-server)
 #      KVM_BUILD_DIR  build dir (default <repo>/build/llama.cpp-build)
 #      KVM_NO_PATCH=1 no cargo build, LLAMA_KVMERGER=OFF, patches not applied (a tree that already has
 #                     them stays patched: that build checks the OFF path); build dir <repo>/build/llama.cpp-stock
@@ -17,7 +17,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SRC="${KVM_LLAMA_DIR:-$REPO/build/llama.cpp}"
 JOBS="${KVM_JOBS:-$(nproc)}"
-TARGETS="${KVM_TARGETS:-llama-cli llama-server llama-completion llama-passkey}"
+TARGETS="${KVM_TARGETS:-llama-cli llama-server llama-completion llama-passkey ggml-rpc-server}"
 NO_PATCH="${KVM_NO_PATCH:-0}"
 if [ "$NO_PATCH" = "1" ]; then
     BLD="${KVM_BUILD_DIR:-$REPO/build/llama.cpp-stock}"
@@ -48,6 +48,7 @@ CMAKE_ARGS=(
     -DLLAMA_OPENSSL=OFF
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_APP=OFF
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON
+    -DGGML_RPC=ON   # the RPC backend and bin/ggml-rpc-server: scripts/test-llama.sh (e) merges on remote buffers
     "${KVM_FLAGS[@]}"
 )
 # shellcheck disable=SC2206

@@ -16,12 +16,23 @@
 #   (c) llama-server -np 2 --kv-merge: two long concurrent /completion requests each equal the request run alone
 #   (d) bad --kv-merge-* values exit non-zero with a message naming the flag (not the unknown-flag message),
 #       no signal
-# Each check prints PASS/FAIL with a reason; the last line is "N passed, M failed"; exit 1 on any failure.
+#   (e) when the build has the RPC server (GGML_RPC=ON, bin/rpc-server or bin/ggml-rpc-server): rpc-server on
+#       127.0.0.1 (a free port), llama-completion --rpc 127.0.0.1:PORT -ngl 99 with the flags of (a) -fa on/off:
+#       the KV cache lives in the RPC buffer, merges happen there (the patch's host copy of device buffers) and
+#       the text equals (a)'s local run byte for byte; state_roundtrip of (b) with the model on the RPC device
+# A sanitized build (LLAMA_/GGML_SANITIZE_ADDRESS or _UNDEFINED in its CMakeCache) runs the same checks with
+# ASAN_OPTIONS/UBSAN_OPTIONS that make any report fatal, longer timeouts, and any sanitizer report found in a log
+# is a FAIL of its own; what it cannot do in reasonable time prints a SKIP line (scripts/test-sanitize.sh).
+# Each check prints PASS/FAIL/SKIP with a reason; the last line is "N passed, M failed, K skipped"; exit 1 on any
+# failure.
 #
-# Env: KVM_TEST_SKIP_BUILD=1  do not run build-llama.sh (use the tools already built)
+# Env: KVM_TEST_BUILD_DIR     the llama.cpp build to test (default build/llama.cpp-build; relative to the repo)
+#      KVM_TEST_SKIP_BUILD=1  do not run build-llama.sh (use the tools already built)
 #      KVM_TEST_THREADS       threads for the model runs (default 1)
 #      KVM_TEST_PORT          server port (default 18080 + $$ % 1000)
 #      KVM_TEST_KEEP=1        keep the work dir (logs) at the end
+#      KVM_TEST_TIMEOUT_SCALE timeouts of the model runs multiplied by this (default 1, 4 for a sanitized build)
+#      ASAN_OPTIONS, UBSAN_OPTIONS  a sanitized build's defaults (below) unless set
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,16 +40,22 @@ cd "$REPO"
 THREADS="${KVM_TEST_THREADS:-1}"
 PORT="${KVM_TEST_PORT:-$((18080 + $$ % 1000))}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/kvm-test-llama.XXXXXX")"
-BLD="$REPO/build/llama.cpp-build"
+BLD="${KVM_TEST_BUILD_DIR:-build/llama.cpp-build}"
+case "$BLD" in /*) ;; *) BLD="$REPO/$BLD" ;; esac
 BIN="$BLD/bin"
 SRC="$REPO/build/llama.cpp"
 
 SERVER_PID=""
-cleanup() {
-    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill "$SERVER_PID" 2>/dev/null
-        wait "$SERVER_PID" 2>/dev/null
+RPC_PID=""
+stop_pid() {
+    if [ -n "$1" ] && kill -0 "$1" 2>/dev/null; then
+        kill "$1" 2>/dev/null
+        wait "$1" 2>/dev/null
     fi
+}
+cleanup() {
+    stop_pid "$SERVER_PID"
+    stop_pid "$RPC_PID"
     if [ "${KVM_TEST_KEEP:-0}" = "1" ]; then
         echo "test-llama: logs kept in $WORK" >&2
     else
@@ -49,10 +66,12 @@ trap cleanup EXIT
 
 N_PASS=0
 N_FAIL=0
+N_SKIP=0
 pass() { echo "PASS: $1${2:+ - $2}"; N_PASS=$((N_PASS + 1)); }
 fail() { echo "FAIL: $1${2:+ - $2}"; N_FAIL=$((N_FAIL + 1)); }
+skip() { echo "SKIP: $1${2:+ - $2}"; N_SKIP=$((N_SKIP + 1)); }
 finish() {
-    echo "$N_PASS passed, $N_FAIL failed"
+    echo "$N_PASS passed, $N_FAIL failed, $N_SKIP skipped"
     [ "$N_FAIL" -eq 0 ]
     exit $?
 }
@@ -74,8 +93,21 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
 fi
 
 if [ "${KVM_TEST_SKIP_BUILD:-0}" != "1" ]; then
-    "$REPO/scripts/build-llama.sh" >&2 || die "scripts/build-llama.sh failed"
+    KVM_BUILD_DIR="$BLD" "$REPO/scripts/build-llama.sh" >&2 || die "scripts/build-llama.sh failed"
 fi
+
+# a sanitized build: every report is fatal (abort, so that no exit path can swallow it), and the logs are
+# scanned for reports at the end. detect_leaks=0: what LeakSanitizer finds at exit is not ours to fix here
+# (scripts/test-sanitize.sh says what it found), and rayon's pool threads of libkvmerger outlive kvm_ctx_free.
+SAN=0
+if grep -q '^\(LLAMA\|GGML\)_SANITIZE_\(ADDRESS\|UNDEFINED\):BOOL=ON' "$BLD/CMakeCache.txt" 2>/dev/null; then
+    SAN=1
+    export ASAN_OPTIONS="${ASAN_OPTIONS:-abort_on_error=1:halt_on_error=1:detect_leaks=0:print_summary=1}"
+    export UBSAN_OPTIONS="${UBSAN_OPTIONS:-abort_on_error=1:halt_on_error=1:print_stacktrace=1}"
+    echo "test-llama: sanitized build $BLD (ASAN_OPTIONS=$ASAN_OPTIONS UBSAN_OPTIONS=$UBSAN_OPTIONS)" >&2
+fi
+SCALE="${KVM_TEST_TIMEOUT_SCALE:-$([ "$SAN" = 1 ] && echo 4 || echo 1)}"
+tmo() { echo $(( $1 * SCALE )); }
 for t in llama-completion llama-server; do
     [ -x "$BIN/$t" ] || die "$BIN/$t missing"
 done
@@ -84,12 +116,16 @@ MODEL="$("$REPO/scripts/fetch-model.sh")" || die "scripts/fetch-model.sh failed"
 
 # tests/llama/state_roundtrip.cpp against the static libs (+ OpenMP when ggml-cpu was built with it)
 RT="$WORK/state_roundtrip"
-LIBS=("$BLD/src/libllama.a" "$BLD/ggml/src/libggml.a" "$BLD/ggml/src/libggml-cpu.a" "$BLD/ggml/src/libggml-base.a")
+LIBS=("$BLD/src/libllama.a" "$BLD/ggml/src/libggml.a")
+# a GGML_RPC build's libggml registers the RPC backend
+[ -f "$BLD/ggml/src/ggml-rpc/libggml-rpc.a" ] && LIBS+=("$BLD/ggml/src/ggml-rpc/libggml-rpc.a")
+LIBS+=("$BLD/ggml/src/libggml-cpu.a" "$BLD/ggml/src/libggml-base.a")
 for l in "${LIBS[@]}" "$REPO/target/release/libkvmerger.a"; do
     [ -f "$l" ] || die "$l missing (build with scripts/build-llama.sh)"
 done
 OMP=()
 if grep -q '^GGML_OPENMP:BOOL=ON' "$BLD/CMakeCache.txt" 2>/dev/null; then OMP=(-fopenmp); fi
+[ "$SAN" = 1 ] && OMP+=(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g)
 g++ -std=c++17 -O1 "${OMP[@]}" -I"$SRC/include" -I"$SRC/ggml/include" -I"$REPO/include" \
     "$REPO/tests/llama/state_roundtrip.cpp" -o "$RT" \
     "${LIBS[@]}" "$REPO/target/release/libkvmerger.a" "${OMP[@]}" -lpthread -ldl -lm \
@@ -100,24 +136,28 @@ t_checks=$(date +%s)
 PROMPT="Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker who"
 
 # ------------------------------------------------------------------------------------------------ (b)
-for fa in 1 0; do
+# run_rt SECTION NAME FA TIMEOUT: state_roundtrip (env as the caller sets it), its PASS/FAIL lines as checks
+run_rt() {
+    local sec="$1" name="$2" fa="$3" base="$WORK/${2// /-}" t0 rc line
     t0=$(date +%s)
-    # the flash-attention run leaves its calibration profile for (a)
-    profile=""; [ "$fa" = 1 ] && profile="$WORK/rt.profile"
-    KVM_RT_PROFILE="$profile" timeout 180 "$RT" "$MODEL" "$fa" > "$WORK/rt-$fa.txt" 2> "$WORK/rt-$fa.log"
+    timeout "$4" "$RT" "$MODEL" "$fa" > "$base.txt" 2> "$base.log"
     rc=$?
-    dt=$(( $(date +%s) - t0 ))
     while IFS= read -r line; do
         case "$line" in
-            PASS:*) pass "(b) ${line#PASS: }" ;;
-            FAIL:*) fail "(b) ${line#FAIL: }" ;;
+            PASS:*) pass "$sec ${line#PASS: }" ;;
+            FAIL:*) fail "$sec ${line#FAIL: }" ;;
         esac
-    done < "$WORK/rt-$fa.txt"
-    if [ $rc -ne 0 ] && ! grep -q '^FAIL' "$WORK/rt-$fa.txt"; then
-        fail "(b) state_roundtrip fa=$fa" "exit code $rc without a FAIL line (log: $(tail -n 3 "$WORK/rt-$fa.log" | tr '\n' ' '))"
+    done < "$base.txt"
+    if [ $rc -ne 0 ] && ! grep -q '^FAIL' "$base.txt"; then
+        fail "$sec $name" "exit code $rc without a FAIL line (log: $(tail -n 3 "$base.log" | tr '\n' ' '))"
     elif [ $rc -eq 0 ]; then
-        echo "      (state_roundtrip fa=$fa: ${dt}s)"
+        echo "      ($name: $(( $(date +%s) - t0 ))s)"
     fi
+}
+for fa in 1 0; do
+    # the flash-attention run leaves its calibration profile for (a)
+    profile=""; [ "$fa" = 1 ] && profile="$WORK/rt.profile"
+    KVM_RT_PROFILE="$profile" run_rt "(b)" "state_roundtrip fa=$fa" "$fa" "$(tmo 180)"
 done
 
 # ------------------------------------------------------------------------------------------------ (a)
@@ -171,7 +211,7 @@ for run in on off calib best flags q8_0 q4_0 bf16 query-free; do
     [ "$run" = calib ] && name="$name (profile of (b))"
     out="$WORK/compl-$run.txt"; log="$WORK/compl-$run.log"
     t0=$(date +%s)
-    timeout 240 "$BIN/llama-completion" -m "$MODEL" -c 256 --context-shift --kv-merge "${extra[@]}" "${lv[@]}" -n 700 --ignore-eos -no-cnv \
+    timeout "$(tmo 240)" "$BIN/llama-completion" -m "$MODEL" -c 256 --context-shift --kv-merge "${extra[@]}" "${lv[@]}" -n 700 --ignore-eos -no-cnv \
         --temp 0 -t "$THREADS" -fa "$fa" --no-warmup -p "$PROMPT" > "$out" 2> "$log" < /dev/null
     rc=$?
     dt=$(( $(date +%s) - t0 ))
@@ -227,11 +267,11 @@ slog="$WORK/server.log"
     --host 127.0.0.1 --port "$PORT" --no-warmup > "$slog" 2>&1 < /dev/null &
 SERVER_PID=$!
 t0=$(date +%s)
-python3 - "$PORT" "$WORK" "$PROMPT" > "$WORK/server-check.txt" 2>&1 <<'PY'
+python3 - "$PORT" "$WORK" "$PROMPT" "$SCALE" > "$WORK/server-check.txt" 2>&1 <<'PY'
 import json, sys, threading, time, urllib.request
-port, work, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
+port, work, prompt, scale = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 base = f"http://127.0.0.1:{port}"
-deadline = time.time() + 60
+deadline = time.time() + 60 * scale
 while True:
     try:
         with urllib.request.urlopen(base + "/health", timeout=2) as r:
@@ -240,7 +280,7 @@ while True:
     except Exception:
         pass
     if time.time() > deadline:
-        print("server did not become healthy in 60 s"); sys.exit(1)
+        print(f"server did not become healthy in {60 * scale} s"); sys.exit(1)
     time.sleep(0.5)
 
 prompts = [prompt, "The history of the printing press begins in the fifteenth century, when"]
@@ -249,7 +289,7 @@ def req(p):
     body = json.dumps({"prompt": p, "n_predict": 400, "temperature": 0, "top_k": 1, "cache_prompt": False,
                        "ignore_eos": True, "seed": 1}).encode()
     r = urllib.request.Request(base + "/completion", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(r, timeout=240) as f:
+    with urllib.request.urlopen(r, timeout=240 * scale) as f:
         return json.loads(f.read())
 
 res = [None, None]
@@ -307,7 +347,7 @@ for args in "--kv-merge-keep -1" "--kv-merge-keep 0" "--kv-merge-method nosuch" 
         extra=(-n 1 -p hi)
         [ "$tool" = llama-server ] && extra=(--port "$PORT")
         # shellcheck disable=SC2086
-        timeout 60 "$BIN/$tool" -m "$MODEL" $args --kv-merge -t "$THREADS" "${extra[@]}" > "$WORK/d.out" 2> "$WORK/d.err" < /dev/null
+        timeout "$(tmo 60)" "$BIN/$tool" -m "$MODEL" $args --kv-merge -t "$THREADS" "${extra[@]}" > "$WORK/d.out" 2> "$WORK/d.err" < /dev/null
         rc=$?
         msg="$(grep -h -m 1 -- "error.*$flag" "$WORK/d.err" "$WORK/d.out")"
         if [ $rc -eq 0 ]; then
@@ -325,11 +365,88 @@ for args in "--kv-merge-keep -1" "--kv-merge-keep 0" "--kv-merge-method nosuch" 
     done
 done
 # the check above tells a refused value from an unknown flag: an unknown one prints "invalid argument: FLAG"
-timeout 60 "$BIN/llama-completion" -m "$MODEL" --kv-merge-nosuch 1 --kv-merge -n 1 -p hi > "$WORK/d.out" 2> "$WORK/d.err" < /dev/null
+timeout "$(tmo 60)" "$BIN/llama-completion" -m "$MODEL" --kv-merge-nosuch 1 --kv-merge -n 1 -p hi > "$WORK/d.out" 2> "$WORK/d.err" < /dev/null
 if grep -q -- "invalid argument: --kv-merge-nosuch" "$WORK/d.err" "$WORK/d.out"; then
     pass "(d) an unknown flag prints what the checks above tell apart" "$(grep -h -m 1 'invalid argument' "$WORK/d.err" "$WORK/d.out")"
 else
     fail "(d) an unknown flag prints what the checks above tell apart" "$(tail -n 2 "$WORK/d.err" | tr '\n' ' ')"
+fi
+
+# ------------------------------------------------------------------------------------------------ (e)
+RPC_BIN=""
+for t in rpc-server ggml-rpc-server; do
+    [ -x "$BIN/$t" ] && RPC_BIN="$BIN/$t" && break
+done
+if [ -z "$RPC_BIN" ]; then
+    skip "(e) RPC" "no rpc-server in $BIN (build with -DGGML_RPC=ON)"
+else
+    RPC_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    rlog="$WORK/rpc-server.log"
+    "$RPC_BIN" -H 127.0.0.1 -p "$RPC_PORT" -t "$THREADS" > "$rlog" 2>&1 < /dev/null &
+    RPC_PID=$!
+    up=0
+    for _ in $(seq 1 $((60 * SCALE))); do
+        if ! kill -0 "$RPC_PID" 2>/dev/null; then break; fi
+        if python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' "$RPC_PORT" 2>/dev/null; then
+            up=1; break
+        fi
+        sleep 1
+    done
+    if [ "$up" != 1 ]; then
+        fail "(e) rpc-server on 127.0.0.1:$RPC_PORT" "not listening ($(tail -n 3 "$rlog" | tr '\n' ' '))"
+    else
+        # the flags of (a) -fa on / off, with the model and the cache on the RPC device
+        for fa in on off; do
+            name="(e) completion --rpc 127.0.0.1:PORT -ngl 99 -c 256 --context-shift --kv-merge -n 700 -fa $fa = local"
+            out="$WORK/rpc-$fa.txt"; log="$WORK/rpc-$fa.log"; ref="$WORK/compl-$fa.txt"
+            t0=$(date +%s)
+            timeout "$(tmo 300)" "$BIN/llama-completion" -m "$MODEL" --rpc "127.0.0.1:$RPC_PORT" -ngl 99 -c 256 --context-shift \
+                --kv-merge -lv 4 -n 700 --ignore-eos -no-cnv --temp 0 -t "$THREADS" -fa "$fa" --no-warmup -p "$PROMPT" \
+                > "$out" 2> "$log" < /dev/null
+            rc=$?
+            dt=$(( $(date +%s) - t0 ))
+            n_merge="$(grep -c 'kv-merge: [0-9]* -> [0-9]* cells' "$log")"
+            refused="$(grep -c 'kv-merge refused' "$log")"
+            # libllama's line for the cache's buffer: "llama_kv_cache: RPC0[127.0.0.1:PORT] KV buffer size = ..."
+            kvbuf="$(grep -m 1 'llama_kv_cache: .*KV buffer size' "$log" | sed 's/.*llama_kv_cache: *//')"
+            if [ $rc -ne 0 ]; then
+                fail "$name" "exit code $rc (log: $(tail -n 3 "$log" | tr '\n' ' '))"
+            elif ! grep -q "llama_kv_cache: *RPC[0-9]*\[127.0.0.1:$RPC_PORT\] KV buffer size" "$log" \
+                    || grep -q 'llama_kv_cache: *CPU KV buffer size' "$log"; then
+                fail "$name" "the KV cache is not (only) in the RPC buffer: $(grep 'KV buffer size' "$log" | tr '\n' ' ')"
+            elif [ "$n_merge" -lt 2 ] || [ "$refused" -ne 0 ]; then
+                fail "$name" "$n_merge kv-merge log lines (want >= 2), $refused refused"
+            elif [ ! -s "$ref" ]; then
+                fail "$name" "no local output of (a) -fa $fa to compare with"
+            elif ! cmp -s "$out" "$ref"; then
+                fail "$name" "$n_merge merges, but the text differs from the local run: $(cmp "$out" "$ref" | head -n 1)"
+            else
+                pass "$name" "$n_merge merges in $kvbuf, $(wc -c < "$out") bytes identical to the local run, ${dt}s"
+            fi
+        done
+        for fa in 1 0; do
+            KVM_RT_RPC="127.0.0.1:$RPC_PORT" run_rt "(e)" "state_roundtrip fa=$fa rpc" "$fa" "$(tmo 300)"
+        done
+    fi
+    if ! kill -0 "$RPC_PID" 2>/dev/null; then
+        fail "(e) rpc-server still running after the runs" "$(tail -n 3 "$rlog" | tr '\n' ' ')"
+    fi
+    stop_pid "$RPC_PID"; RPC_PID=""
+fi
+
+# ------------------------------------------------------------------------------------------------ sanitizers
+# a report that some exit path swallowed (or a tool that kept going) still fails the run
+if [ "$SAN" = 1 ]; then
+    # stderr of every run (stdout holds generated text, which may say anything)
+    logs=("$WORK"/*.log "$WORK"/*.err)
+    reports="$(grep -l -E 'ERROR: (Address|Leak)Sanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer' "${logs[@]}" 2>/dev/null)"
+    if [ -n "$reports" ]; then
+        for f in $reports; do
+            fail "sanitizer report in $(basename "$f")" "$(grep -m 1 -E 'ERROR: |runtime error:' "$f")"
+        done
+    else
+        pass "sanitizers: no report in the ${#logs[@]} logs"
+    fi
 fi
 
 echo "test-llama: checks took $(( $(date +%s) - t_checks )) s" >&2

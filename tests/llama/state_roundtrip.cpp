@@ -1,6 +1,8 @@
 // Integration test of the patched llama.cpp (kvmerger) on a real model, run by scripts/test-llama.sh.
 //
 //   state_roundtrip MODEL [fa]      fa: 0 = flash attention off (V transposed), 1 = on (default)
+//   env KVM_RT_RPC=HOST:PORT        the model and its KV cache on an rpc-server (ggml-rpc, every layer): merges,
+//                                   calibration and states then go through the patch's host copy of device buffers
 //
 // 1. decodes a long prompt into a small context, merges seq 0 a few times (each merge after a decode, logbias
 //    value mode so that the per-cell merge counts enter the KQ mask), then
@@ -239,10 +241,31 @@ int main(int argc, char ** argv) {
         return 2;
     }
     const int fa = argc > 2 ? atoi(argv[2]) : 1;
-    const char * tag = fa ? "fa=on" : "fa=off";
+    const char * rpc = getenv("KVM_RT_RPC");
+    if (rpc && !*rpc) {
+        rpc = nullptr;
+    }
+    const char * tag = fa ? (rpc ? "fa=on rpc" : "fa=on") : (rpc ? "fa=off rpc" : "fa=off");
 
     llama_log_set(quiet_log, nullptr);
     llama_backend_init();
+
+    // the RPC device through the backend registry, as common's --rpc (no ggml-rpc.h needed)
+    std::vector<ggml_backend_dev_t> devices;
+    if (rpc) {
+        ggml_backend_reg_t rpc_reg = ggml_backend_reg_by_name("RPC");
+        using add_server_t = ggml_backend_reg_t (*)(const char * endpoint);
+        auto add_server = rpc_reg ? (add_server_t) ggml_backend_reg_get_proc_address(rpc_reg, "ggml_backend_rpc_add_server") : nullptr;
+        ggml_backend_reg_t reg = add_server ? add_server(rpc) : nullptr;
+        if (!reg || ggml_backend_reg_dev_count(reg) == 0) {
+            fprintf(stderr, "no RPC device at %s (built without GGML_RPC, or no rpc-server there)\n", rpc);
+            return 2;
+        }
+        for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); ++i) {
+            devices.push_back(ggml_backend_reg_dev_get(reg, i));
+        }
+        devices.push_back(nullptr);
+    }
 
     // ---------------------------------------------------------------- 0. the two defaults agree
     {
@@ -263,6 +286,10 @@ int main(int argc, char ** argv) {
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
+    if (rpc) {
+        mp.devices      = devices.data();
+        mp.n_gpu_layers = 999;
+    }
     llama_model * model = llama_model_load_from_file(argv[1], mp);
     if (!model) {
         fprintf(stderr, "cannot load %s\n", argv[1]);
