@@ -441,13 +441,19 @@ def test_slots(args):
                   f"HTTP {st}: {str(body.get('error', body))[:90]}")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arg_parser(doc):
+    """The command line every server test shares: where the tools and the model are, threads, port, logs."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=18500 + os.getpid() % 1000)
     ap.add_argument("--work", default=None)
+    return ap
+
+
+def main():
+    ap = arg_parser(__doc__)
     ap.add_argument("--only", default="chat40,parallel,longdoc,stock,busy,configs,slots")
     args = ap.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="kvm-chat.")

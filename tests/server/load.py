@@ -34,7 +34,6 @@ Prints PASS/FAIL per check, the wall time, and "N passed, M failed" last; exits 
   tests/server/load.py --bin build/llama.cpp-build/bin --model M.gguf [--threads 2] [--extra "--flag v"]
 """
 
-import argparse
 import json
 import os
 import random
@@ -325,12 +324,7 @@ def solo_reference(args, flags, threads):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--port", type=int, default=18500 + os.getpid() % 1000)
-    ap.add_argument("--work", default=None)
+    ap = C.arg_parser(__doc__)
     ap.add_argument("--extra", default="", help="more server flags, for both servers (e.g. to see a check fail)")
     args = ap.parse_args()
     # a SIGTERM (timeout, CI) unwinds through the with blocks, which stop the server
