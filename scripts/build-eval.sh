@@ -25,6 +25,10 @@ LIBS=(
     "$BLD/ggml/src/libggml-base.a"
     "$REPO/target/release/libkvmerger.a"
 )
+# the RPC backend of a build with GGML_RPC=ON (build-llama.sh's): libggml registers it
+if grep -qs '^GGML_RPC:BOOL=ON' "$BLD/CMakeCache.txt"; then
+    LIBS+=("$BLD/ggml/src/ggml-rpc/libggml-rpc.a")
+fi
 
 # wait for the patched build: the tools exist and no library is being written (stable for 5 s)
 ready() {
