@@ -453,7 +453,7 @@ fn report(s: &'static Shape, c: &mut Criterion) {
     let pl = plan(ctx, &views, &cells, n_free);
 
     // Attention for pivots as the llama.cpp patch computes it: the recent queries of its ring
-    // (4 by default, LLAMA_KV_MERGE_QWIN) per layer, GQA 3:1, scored against the window at
+    // (4 by default, --kv-merge-queries) per layer, GQA 3:1, scored against the window at
     // every merge event; over this shape's cells and over the 1020-cell window of a 50 %
     // event in the short evaluation (2048-token window, 1024 cells).
     let (n_q, group) = (4usize, 3usize);

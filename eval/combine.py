@@ -4,7 +4,7 @@
     eval/combine.py OUT DIR[:SUFFIX] DIR[:SUFFIX] ...
 
 Some settings hold for a whole process, not for a row of the method table. One example is
-LLAMA_KV_MERGE_QWIN, the size of the patch's query ring. Runs that differ in such a setting
+--queries, the size of the patch's query ring (LLAMA_KV_MERGE_QWIN in earlier runs). Runs that differ in such a setting
 can only be compared token by token once their NLLs sit side by side. Every method of a DIR
 given with a SUFFIX, except full and shift, is renamed METHOD_SUFFIX. A method that keeps its
 name in several runs, full and shift above all (ci.py measures every gap between them), must

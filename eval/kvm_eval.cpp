@@ -261,6 +261,8 @@ static void usage() {
         "  --out DIR              results directory (default out/run)\n"
         "  --full                 the full evaluation (3 windows/text, budget sweep, ablations, 3 keys/depth)\n"
         "  -t N                   threads (default 2)\n"
+        "  --queries N            recent queries the patch keeps for the attention (default 4; the\n"
+        "                         llama-tools' --kv-merge-queries; earlier runs set LLAMA_KV_MERGE_QWIN)\n"
         "  --window W             streaming-PPL window in tokens (default 2048)\n"
         "  --batch B              tokens per batch (default 64)\n"
         "  --n-keep N             kept tokens at the start, incl. BOS (default 4)\n"
@@ -615,21 +617,14 @@ static std::vector<Method> make_methods(int threads) {
             }
         }
         if (m.tool) {
-            // what the patch derives from llama_kv_merge_default_params() (llama-kv-cache.cpp,
-            // seq_merge: kvm_params_default() overwritten by the llama fields); shown in
+            // what the patch runs for llama_kv_merge_default_params(), as the patch maps it; shown in
             // methods.csv, not passed
-            const llama_kv_merge_params d = llama_kv_merge_default_params();
-            m.kp.method       = (decltype(m.kp.method)) d.method;
-            m.kp.n_sink       = (uint32_t) std::max(0, d.n_sink);
-            m.kp.n_recent     = (uint32_t) std::max(0, d.n_recent);
-            m.kp.heavy_frac   = d.heavy_frac;
-            m.kp.sim_floor    = d.sim_floor;
-            m.kp.value_mode   = (decltype(m.kp.value_mode)) d.value_mode;
-            m.kp.merge_keys   = d.merge_keys;
-            m.kp.merge_values = d.merge_values;
-            m.kp.pivot        = (decltype(m.kp.pivot)) (d.use_attn ? KVM_PIVOT_ATTENTION : KVM_PIVOT_QUERY_FREE);
-            m.kp.age_bias     = d.age_bias;
-            m.kp.max_set      = (uint32_t) std::max(0, d.max_set);
+            llama_kv_merge_params d = llama_kv_merge_default_params();
+            d.n_threads = (int32_t) m.kp.n_threads;
+            if (!llama_kv_merge_kvm_params(&d, &m.kp, sizeof(m.kp))) {
+                fprintf(stderr, "kvm_eval: llama_kv_merge_kvm_params failed (a build without LLAMA_KVMERGER?)\n");
+                exit(1);
+            }
         }
         ms.push_back(m);
     }
@@ -682,6 +677,7 @@ struct Ctx {
 };
 
 static int g_threads = 2;
+static int g_queries = 4; // --queries: llama_context_params.n_kv_merge_queries, the patch's query ring
 // A fresh context for every method run: state the patch keeps per cache (e.g. the log-bias flag
 // of value_mode logbias, merge counts) must not leak from one method into the next.
 struct CtxGuard {
@@ -697,6 +693,7 @@ static std::unique_ptr<CtxGuard> new_ctx(Model & M, int n_ctx, int n_batch) {
     cp.n_seq_max = 1;
     cp.n_threads = g_threads;
     cp.n_threads_batch = g_threads;
+    cp.n_kv_merge_queries = (uint32_t) g_queries;
     auto g = std::make_unique<CtxGuard>();
     g->c.ctx = llama_init_from_model(M.model, cp);
     if (!g->c.ctx) {
@@ -938,9 +935,7 @@ static int prefix_point(int n_total, int C, const Opts & o) {
     if (i0 >= n_total) {
         return 0; // never compresses
     }
-    const char * qw = getenv("LLAMA_KV_MERGE_QWIN");
-    const int qwin = qw ? std::max(0, atoi(qw)) : 4; // the patch's default ring
-    const int k = std::max(1, (qwin + o.B - 1) / o.B);
+    const int k = std::max(1, (g_queries + o.B - 1) / o.B);
     return std::max(0, i0 - k * o.B);
 }
 
@@ -1072,6 +1067,9 @@ static bool make_calib(Model & M, const Opts & o, const std::vector<Method> & me
 int main(int argc, char ** argv) {
     Opts o;
     bool list = false;
+    if (const char * qw = getenv("LLAMA_KV_MERGE_QWIN")) {
+        g_queries = std::max(0, atoi(qw)); // how the commands in docs/findings.md before --queries set it
+    }
     std::map<std::string, bool> set_by_user;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
@@ -1093,6 +1091,7 @@ int main(int argc, char ** argv) {
         else if (a == "--out") o.out = next();
         else if (a == "--full") o.full = true;
         else if (a == "-t") o.threads = atoi(next().c_str());
+        else if (a == "--queries") g_queries = std::max(0, atoi(next().c_str()));
         else if (a == "--window") o.W = atoi(next().c_str());
         else if (a == "--batch") o.B = atoi(next().c_str());
         else if (a == "--n-keep") o.n_keep = atoi(next().c_str());

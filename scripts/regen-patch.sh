@@ -47,7 +47,11 @@ discarding them.
   the next decode); per-cell merge counts
 - kvmerger query ring: the graph keeps the last n_qwin post-RoPE queries
   of every layer (set_rows, works with and without flash attention);
-  merge pivots use their attention (env LLAMA_KV_MERGE_QWIN, 0 = off)
+  merge pivots use their attention; its size is a context parameter,
+  llama_context_params.n_kv_merge_queries (--kv-merge-queries, 0 = off),
+  and the ring exists only with LLAMA_KVMERGER
+- llama_kv_merge_kvm_params(): the kvm_params a merge runs with (one
+  mapping, used by seq_merge and by the evaluation harness)
 - common: --kv-merge, --kv-merge-method, --kv-merge-keep, --kv-merge-floor,
   --kv-merge-recent, --kv-merge-sinks
 - llama-completion, llama-server (and llama-cli), llama-passkey: merge at

@@ -9,9 +9,10 @@
 #       calibration profiles (llama_memory_seq_merge_calibrate, calib_path)
 #   (a) llama-completion -c 256 --context-shift --kv-merge -n 700 (-fa on and off, on with the profile of (b)
 #       through --kv-merge-calib, with the flags of the age-pairs configuration `best`, with every other
-#       --kv-merge-* flag at a valid value, with q8_0, q4_0 and bf16 caches, and query-free): merges happen,
-#       each on a full cache and keeping the --kv-merge-keep share of it, with the attention of the kept queries
-#       (none with query-free), the text stays text, the merge logs the parameters and profile the flags set
+#       --kv-merge-* flag at a valid value, with q8_0, q4_0 and bf16 caches, query-free, and query rings of 8
+#       and 0 (--kv-merge-queries)): merges happen, each on a full cache and keeping the --kv-merge-keep share of
+#       it, with the attention of exactly the kept queries (4 by default, 8, none with query-free or a ring of
+#       0), the text stays text, the merge logs the parameters and profile the flags set
 #       (the default method, EVICT_FOLD, without flags)
 #   (c) llama-server -np 2 --kv-merge: two long concurrent /completion requests each equal the request run alone
 #   (d) bad --kv-merge-* values exit non-zero with a message naming the flag (not the unknown-flag message),
@@ -190,7 +191,7 @@ PY
 BEST=(--kv-merge-method kvmerger --kv-merge-pivot query-free --kv-merge-age-bias 100 --kv-merge-max-set 2)
 # every --kv-merge-* flag with a valid value other than its default
 FLAGS=(--kv-merge-keep 0.6 --kv-merge-floor 0.1 --kv-merge-recent 16 --kv-merge-sinks 8 --kv-merge-value paper)
-for run in on off calib best flags q8_0 q4_0 bf16 query-free; do
+for run in on off calib best flags q8_0 q4_0 bf16 query-free queries8 queries0; do
     fa="$run"; extra=(); keep=0.5
     if [ "$run" = calib ]; then
         fa=on; extra=(--kv-merge-method kvmerger --kv-merge-calib "$WORK/rt.profile")
@@ -201,6 +202,9 @@ for run in on off calib best flags q8_0 q4_0 bf16 query-free; do
         fa=on; extra=("${FLAGS[@]}"); keep=0.6
     elif [ "$run" = query-free ]; then
         fa=on; extra=(--kv-merge-pivot query-free)
+    elif [ "$run" = queries8 ] || [ "$run" = queries0 ]; then
+        # the size of the query ring: 8 queries read at every event, or none (the plan then runs query-free)
+        fa=on; extra=(--kv-merge-queries "${run#queries}")
     elif [ "$run" = q8_0 ] || [ "$run" = q4_0 ] || [ "$run" = bf16 ]; then
         # quantized caches through the codec; bf16 through the K-shift's f32 round trip
         fa=on; extra=(-ctk "$run" -ctv "$run")
@@ -239,9 +243,13 @@ for run in on off calib best flags q8_0 q4_0 bf16 query-free; do
         fail "$name" "$bad (n_ctx $n_ctx)"
     elif [ -n "$badkeep" ]; then
         fail "$name" "an event did not keep its share of a full window: $badkeep"
-    elif [ "$run" = query-free ] && [ "$n_attn" -ne 0 ]; then
-        fail "$name" "$n_attn merges read attention with --kv-merge-pivot query-free"
-    elif [ "$run" != query-free ] && [ "$run" != best ] && [ "$n_attn" -lt "$n_merge" ]; then
+    elif { [ "$run" = query-free ] || [ "$run" = queries0 ]; } && [ "$n_attn" -ne 0 ]; then
+        fail "$name" "$n_attn merges read attention with ${extra[*]}"
+    elif [ "$run" = queries8 ] && [ "$(grep -c 'attention from 8 recent queries' "$log")" -ne "$n_merge" ]; then
+        fail "$name" "not every merge read 8 queries: $(grep -o 'attention from [0-9]* recent queries' "$log" | sort | uniq -c | tr '\n' ' ')"
+    elif [ "$run" = on ] && [ "$(grep -c 'attention from 4 recent queries' "$log")" -ne "$n_merge" ]; then
+        fail "$name" "not every merge read the default 4 queries: $(grep -o 'attention from [0-9]* recent queries' "$log" | sort | uniq -c | tr '\n' ' ')"
+    elif [ "$run" != query-free ] && [ "$run" != queries0 ] && [ "$run" != best ] && [ "$n_attn" -lt "$n_merge" ]; then
         fail "$name" "only $n_attn of $n_merge merges had the attention of recent queries (the query ring is off or empty)"
     elif [ "$run" = flags ] && ! grep -q 'kvmerger: method 5, sinks 8, recent 16, heavy 0.05, floor 0.10, pivot attention, value 1,' "$log"; then
         fail "$name" "the flags did not reach the merge: $(grep -m 1 'kvmerger: method' "$log")"
@@ -340,7 +348,7 @@ kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""
 # ------------------------------------------------------------------------------------------------ (d)
 for args in "--kv-merge-keep -1" "--kv-merge-keep 0" "--kv-merge-method nosuch" "--kv-merge-value nosuch" \
             "--kv-merge-floor abc" "--kv-merge-recent x" "--kv-merge-sinks y" "--kv-merge-calib /nonexistent/x.profile" \
-            "--kv-merge-pivot nosuch" "--kv-merge-age-bias nan" "--kv-merge-max-set 1"; do
+            "--kv-merge-pivot nosuch" "--kv-merge-age-bias nan" "--kv-merge-max-set 1" "--kv-merge-queries -1"; do
     flag="${args%% *}"
     for tool in llama-completion llama-server; do
         name="(d) $tool $args"

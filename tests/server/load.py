@@ -4,7 +4,7 @@ cancellations and disconnects mid-stream, malformed bodies; a bounded number of 
 
   llama-server -c 2048 -np 4 --kv-merge --cache-ram 0      (512 cells a slot; batch-invariant kernels on)
 
-A fixed schedule (random.Random(SEED)) of 34 requests from 8 client threads, run twice on one server
+A fixed schedule (random.Random(SEED)) of 36 requests from 8 client threads, run twice on one server
 (a warm-up phase, then the same schedule again):
 
   chat        multi-turn chats past the 512 cells of a slot, the whole history sent every turn; each chat
@@ -12,6 +12,7 @@ A fixed schedule (random.Random(SEED)) of 34 requests from 8 client threads, run
   long        single prompts of 1500-2000 tokens (past the slot: accepted with --kv-merge), slots 2 and 3
   cancel      streaming requests the OpenAI client closes after a few chunks
   disconnect  raw sockets that close mid-headers, mid-body, or mid-stream (some with a TCP reset)
+  prefill     long prompts (slot 3) whose raw socket closes (or resets) while the slot still reads the prompt
   malformed   bodies the server must refuse with 4xx
 
 Every request that can take a slot names it (id_slot): a chat's next turn then finds its own history, and
@@ -22,6 +23,9 @@ on timing. With -np 4 and --kv-merge the server computes each token as if it wer
     what it answers alone: the solo reference runs the same requests one at a time, each chat whole and in
     order, on a fresh server with the same flags
   - the server is alive and /health ok after every phase; no request got a 5xx; the refused bodies got 4xx
+  - a prefill whose client left is dropped there: the task leaves its slot before it has read its prompt
+    (n_history in /slots) and with no token made, and the long prompt the same client thread sends next on
+    that slot still equals its solo run
   - VmRSS (/proc/PID/status, sampled every 0.5 s) at the end of the second phase is within RSS_BOUND_MIB of
     its value at the end of the warm-up phase: with --cache-ram 0 nothing is kept between requests (the KV
     cache and compute buffers are allocated at start), so what remains is allocator noise
@@ -63,7 +67,7 @@ CHAT_TURNS, CHAT_MAX, LONG_MAX = 4, 16, 16
 # phase (+0.1 MiB measured); glibc's per-thread arenas may still keep a few freed pages. 16 MiB is less
 # than one slot's prompt kept in RAM (512 cells of SmolLM2-135M: 11.25 MiB at f16, plus its tokens and
 # the prompt cache's copy), so a cache that kept the phase's prompts, or a leak of half a MiB a request
-# over the 34 requests, shows.
+# over the 36 requests, shows.
 RSS_BOUND_MIB = 16
 
 
@@ -128,6 +132,11 @@ def schedule():
     for j, (what, body, is_json) in enumerate(bad):
         threads[7].append({"kind": "malformed", "id": f"bad{j}", "what": what, "body": body, "json": is_json,
                            "delay": rng.uniform(0.2, 1.5)})
+    # thread 3, before its long prompt: two long prompts whose clients go away during the prefill (graceful
+    # close, then TCP reset); drawn last, so that the requests above stay what they were
+    pre = [dict(long_req(10 + j, 3, rng.randrange(1500, 2001)), kind="prefill", id=f"prefill{j}", mode=mode,
+                marker=900 + j) for j, mode in enumerate(("close", "rst"))]
+    threads[3] = pre + threads[3]
     return threads
 
 
@@ -234,6 +243,71 @@ def run_disconnect(srv, req, rec, phase):
     rec.add(id=req["id"], kind="disconnect", phase=phase, status=status, mode=mode)
 
 
+def run_prefill(srv, req, rec, phase):
+    """A long prompt whose client goes away while the slot is still reading it (merges happen in that prefill):
+    the server must drop the task there, not read the prompt to its end for nobody, and the slot must serve the
+    next request as if nothing had happened (the long prompt after it in this thread is checked against its
+    solo run). The request is found in /slots by its max_tokens (the marker); the slot's n_history says how
+    much of the prompt it had read when the task left.
+
+    Stock llama-server read such a prompt to its end: the HTTP thread asks whether its client is still there
+    only when its wait for a result times out, and every other task's result restarted that timeout, so that
+    under load (here: the /slots polls themselves) it never expired (the patch gives the wait one deadline)."""
+    _, tpl = C.post(srv, "/apply-template", {"messages": req["messages"]})
+    _, tok = C.post(srv, "/tokenize", {"content": tpl.get("prompt", ""), "add_special": True})
+    n_prompt = len(tok.get("tokens", []))
+    body = json.dumps({"messages": req["messages"], "max_tokens": req["marker"], "ignore_eos": True,
+                       "temperature": 0, "stream": True, "id_slot": req["slot"], "cache_prompt": False}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    def mine():
+        try:
+            for sl in json.loads(srv.get("/slots")):
+                if sl.get("id") == req["slot"] and sl.get("is_processing") \
+                        and sl.get("params", {}).get("n_predict") == req["marker"]:
+                    return sl
+        except (OSError, ValueError):
+            pass
+        return None
+
+    row = {"id": req["id"], "kind": "prefill", "phase": phase, "status": None, "mode": req["mode"],
+           "marker": req["marker"], "n_prompt": n_prompt}
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=600)
+    try:
+        s.sendall(head + body)
+        t0, seen = time.time(), None
+        while seen is None and time.time() - t0 < 300:
+            seen = mine()
+            if seen is None:
+                time.sleep(0.05)
+        s.setblocking(False)
+        try:
+            got = s.recv(4096)
+        except BlockingIOError:
+            got = b""
+        row.update(seen=seen is not None, events_before=got.count(b"data: "),
+                   decoded_before=(seen or {}).get("next_token", [{}])[0].get("n_decoded"))
+        if req["mode"] == "rst":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        s.close()
+    # how long the task stays on the slot after the client left, and how many tokens it made
+    t0, last = time.time(), None
+    while time.time() - t0 < 300:
+        sl = mine()
+        if sl is None:
+            break
+        last = sl
+        time.sleep(0.05)
+    row.update(gone_after=round(time.time() - t0, 2),
+               decoded_after=(last or {}).get("next_token", [{}])[0].get("n_decoded", 0),
+               read_last=(last or seen or {}).get("n_history", 0))
+    rec.add(**row)
+
+
 def run_malformed(srv, req, rec, phase):
     s = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
     try:
@@ -258,7 +332,7 @@ def run_malformed(srv, req, rec, phase):
 
 
 RUN = {"chat": run_chat, "long": run_long, "cancel": run_cancel, "disconnect": run_disconnect,
-       "malformed": run_malformed}
+       "malformed": run_malformed, "prefill": run_prefill}
 
 
 def run_phase(srv, threads, rec, phase):
@@ -406,6 +480,16 @@ def main():
     C.check("load: cancelled streams and raw-socket streams got their first chunks before going away",
             canc and all(r["chunks"] >= 1 for r in canc) and mid and all(r["status"] == 200 for r in mid),
             f"chunks before the cancel: {[r['chunks'] for r in canc]}; raw streams: {[r['status'] for r in mid]}")
+
+    pre = [r for r in rows if r["kind"] == "prefill"]
+    C.check("load: clients gone during a long prompt's prefill: the server dropped the task mid-prompt",
+            pre and all(r.get("seen") and r.get("events_before") == 0 and r.get("decoded_before") == 0
+                        and r.get("decoded_after", 1) == 0 and r.get("read_last", 1 << 30) < r["n_prompt"] - 16
+                        and not r.get("error") for r in pre),
+            "; ".join(f"{r['id']} {r['phase']}: on the slot {r.get('seen')}, {r.get('events_before')} events at the "
+                      f"close, gone {r.get('gone_after')} s later having read {r.get('read_last')} of "
+                      f"{r['n_prompt']} prompt tokens, {r.get('decoded_after')} made"
+                      f"{', ' + r['error'] if r.get('error') else ''}" for r in pre))
 
     # equality with the solo run, per phase
     greedy = [r for r in rows if r["kind"] in ("chat", "long") and r["status"] == 200]
