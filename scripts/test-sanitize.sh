@@ -12,14 +12,14 @@
 # lines), GGML_RPC=ON. libkvmerger.a itself is not instrumented (Rust; its own tests run under ASan in
 # scripts/test.sh); its reads and writes of llama.cpp's buffers happen in that uninstrumented code, but every
 # buffer it gets comes from instrumented code that checks the views' extents first.
-# Runtime: ASAN_OPTIONS=abort_on_error=1:halt_on_error=1:detect_leaks=0, UBSAN_OPTIONS=abort_on_error=1:
-# halt_on_error=1:print_stacktrace=1 (test-llama.sh's defaults for a sanitized build; set them to override),
-# timeouts x4, and every log is scanned for reports at the end.
+# Runtime: ASAN_OPTIONS=abort_on_error=1:halt_on_error=1:detect_leaks=1, LSAN_OPTIONS with the suppressions
+# of tests/llama/lsan.supp (stock ggml-rpc's registries only), UBSAN_OPTIONS=abort_on_error=1:halt_on_error=1:
+# print_stacktrace=1 (test-llama.sh's defaults for a sanitized build; set them to override), timeouts x4, and
+# every log is scanned for reports at the end.
 #
-# Not in CI: on 2 shared cores (load 8-10) the build took about 90 minutes, and single runs took 2-4x the
-# normal build's time (llama-completion -n 700: 64-112 s locally, 122-231 s through RPC; state_roundtrip
-# through RPC 844 s), far past the ~10 minutes CI could give it. CI runs the same scenarios on the normal build
-# (scripts/test.sh).
+# Not in CI: on 2 cores the build takes 22 minutes from scratch when the machine is otherwise idle (90 under
+# load), and the scenarios another 22 (2-4x the normal build's time), which with the rest of scripts/test.sh
+# would take CI's run near its 90-minute limit. CI runs the same scenarios on the normal build.
 #
 # Env: KVM_JOBS (default 2), KVM_TEST_THREADS, KVM_TEST_KEEP: as in build-llama.sh / test-llama.sh
 set -euo pipefail
