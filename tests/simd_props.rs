@@ -501,6 +501,134 @@ fn check_f32_to_bf16(k: &Kernels, src: &[f32], off: usize) -> Result<(), TestCas
     Ok(())
 }
 
+/// The kernels that read f16 rows in place against the table's own f32 kernels on the rows
+/// decoded (exact), bit for bit: per-head dots (one row against one and against two), norms,
+/// squared distances to a pivot row and weighted sums, on heads of `d` and `m` rows cut from
+/// `a` (and `b`, and `a` reversed, for the second and third rows of the dots).
+fn check_f16_in_place(
+    k: &Kernels,
+    a: &[u16],
+    b: &[u16],
+    d: usize,
+    m: usize,
+) -> Result<(), TestCaseError> {
+    use half::slice::HalfBitsSliceExt;
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let wide = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    let nh = a.len().min(b.len()) / d;
+    if nh > 0 {
+        let rev: Vec<u16> = a[..nh * d].iter().rev().copied().collect();
+        let (x, y, z): (&[f16], &[f16], &[f16]) = (
+            a[..nh * d].reinterpret_cast(),
+            b[..nh * d].reinterpret_cast(),
+            rev.reinterpret_cast(),
+        );
+        let (wx, wy, wz) = (wide(x), wide(y), wide(z));
+        let (mut dot, mut nx) = (vec![f32::NAN; nh], vec![f32::NAN; nh]);
+        k.head_dots_f32(&wx, &wy, d, &mut dot, &mut nx);
+        let (mut dz, mut nz) = (vec![f32::NAN; nh], vec![f32::NAN; nh]);
+        k.head_dots_f32(&wx, &wz, d, &mut dz, &mut nz);
+        let (mut g_dot, mut g_nx) = (vec![f32::NAN; nh], vec![f32::NAN; nh]);
+        k.head_dots_f16(x, y, d, &mut g_dot, &mut g_nx);
+        prop_assert_eq!(
+            bits(&g_dot),
+            bits(&dot),
+            "{} head_dots_f16 dot d {}",
+            k.name,
+            d
+        );
+        prop_assert_eq!(
+            bits(&g_nx),
+            bits(&nx),
+            "{} head_dots_f16 nx d {}",
+            k.name,
+            d
+        );
+        let (mut g_dy, mut g_dz, mut g_n2) =
+            (vec![f32::NAN; nh], vec![f32::NAN; nh], vec![f32::NAN; nh]);
+        k.head_dots2_f16(x, y, z, d, &mut g_dy, &mut g_dz, &mut g_n2);
+        prop_assert_eq!(
+            bits(&g_dy),
+            bits(&dot),
+            "{} head_dots2_f16 dy d {}",
+            k.name,
+            d
+        );
+        prop_assert_eq!(
+            bits(&g_dz),
+            bits(&dz),
+            "{} head_dots2_f16 dz d {}",
+            k.name,
+            d
+        );
+        prop_assert_eq!(
+            bits(&g_n2),
+            bits(&nx),
+            "{} head_dots2_f16 nx d {}",
+            k.name,
+            d
+        );
+        let mut g_norm = vec![f32::NAN; nh];
+        k.head_norms_f16(x, d, &mut g_norm);
+        prop_assert_eq!(
+            bits(&g_norm),
+            bits(&nx),
+            "{} head_norms_f16 d {}",
+            k.name,
+            d
+        );
+    }
+    let n_head = a.len() / (m * d);
+    if n_head == 0 || b.is_empty() {
+        return Ok(());
+    }
+    let width = n_head * d;
+    let all: &[f16] = a[..m * width].reinterpret_cast();
+    let rows: Vec<&[f16]> = all.chunks_exact(width).collect();
+    let flat = wide(all);
+    for jp in [0, m - 1] {
+        let mut want = vec![f32::NAN; n_head * m];
+        k.head_sqdists_f32(&flat, width, d, jp, &mut want);
+        let mut got = vec![f32::NAN; n_head * m];
+        k.head_sqdists_f16(&rows, d, jp, &mut got);
+        prop_assert_eq!(
+            bits(&got),
+            bits(&want),
+            "{} head_sqdists_f16 d {} m {}",
+            k.name,
+            d,
+            m
+        );
+    }
+    // weights from `b`, kept finite
+    let w: Vec<f32> = b
+        .iter()
+        .cycle()
+        .take(n_head * m)
+        .map(|&h| {
+            let v = f16::from_bits(h).to_f32();
+            if v.is_finite() {
+                v
+            } else {
+                0.5
+            }
+        })
+        .collect();
+    let mut want = vec![f32::NAN; width];
+    k.weighted_heads_f32(&flat, d, &w, &mut want);
+    let mut got = vec![f32::NAN; width];
+    k.weighted_heads_f16(&rows, d, &w, &mut got);
+    prop_assert_eq!(
+        bits(&got),
+        bits(&want),
+        "{} weighted_heads_f16 d {} m {}",
+        k.name,
+        d,
+        m
+    );
+    Ok(())
+}
+
 /// `h` with the quiet bit set if it is a NaN.
 fn bf16_quiet(h: u16) -> u16 {
     if bf16::from_bits(h).is_nan() {
@@ -526,6 +654,8 @@ fn check_all(k: &Kernels, g: &mut XorShift, n: usize, off: usize) -> Result<(), 
     check_dot_f32(k, &pfa[off..], &pfb[off..])?;
     // the row split into heads of 1..=n channels (a last partial head is not a head)
     check_head_dots_f32(k, &pfa[off..], &pfb[off..], 1 + n % 70)?;
+    // the same kernels reading f16 rows in place, heads of 1..=70, 1..=4 rows
+    check_f16_in_place(k, &pha[off..], &phb[off..], 1 + n % 70, 1 + n % 4)?;
     // n keys of 3 channels (rows b, a, a reversed) against 1..=5 query rows
     let kt: Vec<f32> = [fb.clone(), fa.clone(), fa.iter().rev().copied().collect()].concat();
     let q: Vec<f32> = (0..3 * (1 + n % 7)).map(|_| g.arith()).collect();
@@ -679,6 +809,12 @@ macro_rules! simd_props {
                 fn head_sqdists_f32((a, _, off) in pair(arith_f32()), d in 1usize..=80, m in 1usize..=4) {
                     let Some(k) = table() else { return Ok(()) };
                     check_head_sqdists_f32(k, &a[off..], d, m)?;
+                }
+
+                #[test]
+                fn f16_in_place((a, b, off) in pair(f16_bits()), d in 1usize..=80, m in 1usize..=4) {
+                    let Some(k) = table() else { return Ok(()) };
+                    check_f16_in_place(k, &a[off..], &b[off..], d, m)?;
                 }
 
                 #[test]

@@ -59,6 +59,43 @@ pub(crate) trait F32Vec: Copy {
     unsafe fn reduce_sum(acc: [Self; ARR]) -> f32;
 }
 
+/// A row element the kernels read where it lies: f32 as it is, f16 widened exactly on load.
+/// A kernel over f16 rows therefore gives the bits of the same kernel over the rows decoded
+/// to f32 first, without the decode's pass over memory and its f32 copy.
+pub(crate) trait Elem: Copy {
+    /// `EPR` elements at `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `V`'s features are enabled and `EPR` elements are readable at `p`.
+    unsafe fn load<V: F32Vec>(p: *const Self) -> V;
+    /// One element as f32 (the scalar leftovers).
+    fn wide(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn load<V: F32Vec>(p: *const f32) -> V {
+        // SAFETY: forwarded from the caller.
+        unsafe { V::loadu(p) }
+    }
+    #[inline(always)]
+    fn wide(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    unsafe fn load<V: F32Vec>(p: *const f16) -> V {
+        // SAFETY: forwarded from the caller; `f16` is a transparent `u16`.
+        unsafe { V::load_f16(p.cast()) }
+    }
+    #[inline(always)]
+    fn wide(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// An ISA's kernel table: one `#[target_feature]` entry per slot that instantiates the kernel
 /// of this module with the ISA's vector (`qk_t_f32` with whole panels of `qk_panel_regs`
 /// registers, `pack_keys_f16` with the ISA's [`PackBlock`]), and `static TABLE`. Defined
@@ -73,14 +110,19 @@ macro_rules! isa_kernels {
         entries: {
             dot_f32: $dot_f32:ident,
             head_dots_f32: $head_dots_f32:ident,
+            head_dots_f16: $head_dots_f16:ident,
+            head_dots2_f16: $head_dots2_f16:ident,
+            head_norms_f16: $head_norms_f16:ident,
             qk_t_f32: $qk_t_f32:ident,
             pack_keys_f16: $pack_keys_f16:ident,
             softmax_acc: $softmax_acc:ident,
             dot_f16: $dot_f16:ident,
             sqdist_f32: $sqdist_f32:ident,
             head_sqdists_f32: $head_sqdists_f32:ident,
+            head_sqdists_f16: $head_sqdists_f16:ident,
             axpy_f32: $axpy_f32:ident,
             weighted_heads_f32: $weighted_heads_f32:ident,
+            weighted_heads_f16: $weighted_heads_f16:ident,
             f16_to_f32: $f16_to_f32:ident,
             f32_to_f16: $f32_to_f16:ident,
             bf16_to_f32: $bf16_to_f32:ident,
@@ -92,14 +134,19 @@ macro_rules! isa_kernels {
             name: $name,
             dot_f32: $dot_f32,
             head_dots_f32: $head_dots_f32,
+            head_dots_f16: $head_dots_f16,
+            head_dots2_f16: $head_dots2_f16,
+            head_norms_f16: $head_norms_f16,
             qk_t_f32: $qk_t_f32,
             pack_keys_f16: $pack_keys_f16,
             softmax_acc: $softmax_acc,
             dot_f16: $dot_f16,
             sqdist_f32: $sqdist_f32,
             head_sqdists_f32: $head_sqdists_f32,
+            head_sqdists_f16: $head_sqdists_f16,
             axpy_f32: $axpy_f32,
             weighted_heads_f32: $weighted_heads_f32,
+            weighted_heads_f16: $weighted_heads_f16,
             f16_to_f32: $f16_to_f32,
             f32_to_f16: $f32_to_f16,
             bf16_to_f32: $bf16_to_f32,
@@ -109,7 +156,18 @@ macro_rules! isa_kernels {
             = dot_f32::<$V>);
         isa_kernels!(@entry $feat,
             $head_dots_f32(x: &[f32], y: &[f32], dk: usize, dot: &mut [f32], nx: &mut [f32])
-            = head_dots_f32::<$V>);
+            = head_dots::<$V, f32>);
+        isa_kernels!(@entry $feat,
+            $head_dots_f16(x: &[::half::f16], y: &[::half::f16], dk: usize, dot: &mut [f32],
+                nx: &mut [f32])
+            = head_dots::<$V, ::half::f16>);
+        isa_kernels!(@entry $feat,
+            $head_dots2_f16(x: &[::half::f16], y: &[::half::f16], z: &[::half::f16], dk: usize,
+                dy: &mut [f32], dz: &mut [f32], nx: &mut [f32])
+            = head_dots2::<$V, ::half::f16>);
+        isa_kernels!(@entry $feat,
+            $head_norms_f16(x: &[::half::f16], dk: usize, nx: &mut [f32])
+            = head_norms::<$V, ::half::f16>);
         isa_kernels!(@entry $feat, $qk_t_f32(q: &[f32], d: usize, kt: &[f32], out: &mut [f32])
             = qk_t_f32::<$V, $nv>);
         isa_kernels!(@entry $feat, $pack_keys_f16(rows: &[&[u16]], panel: &mut [f32])
@@ -123,11 +181,17 @@ macro_rules! isa_kernels {
         isa_kernels!(@entry $feat,
             $head_sqdists_f32(rows: &[f32], width: usize, d: usize, jp: usize, d2: &mut [f32])
             = head_sqdists_f32::<$V>);
+        isa_kernels!(@entry $feat,
+            $head_sqdists_f16(rows: &[&[::half::f16]], d: usize, jp: usize, d2: &mut [f32])
+            = head_sqdists_rows::<$V, ::half::f16>);
         isa_kernels!(@entry $feat, $axpy_f32(y: &mut [f32], a: f32, x: &[f32])
             = axpy_f32::<$V>);
         isa_kernels!(@entry $feat,
             $weighted_heads_f32(rows: &[f32], d: usize, w: &[f32], out: &mut [f32])
             = weighted_heads_f32::<$V>);
+        isa_kernels!(@entry $feat,
+            $weighted_heads_f16(rows: &[&[::half::f16]], d: usize, w: &[f32], out: &mut [f32])
+            = weighted_heads_rows::<$V, ::half::f16>);
         isa_kernels!(@entry $feat, $f16_to_f32(src: &[u16], dst: &mut [f32])
             = f16_to_f32::<$V>);
         isa_kernels!(@entry $feat, $f32_to_f16(src: &[f32], dst: &mut [u16])
@@ -242,14 +306,15 @@ pub(crate) unsafe fn dot_f32<V: F32Vec>(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Per head of `dk`: `dot[h] = x_h·y_h` and `nx[h] = x_h·x_h`, each the bits [`dot_f32`]
-/// gives on the head, with both chains in one loop so that their multiply-adds overlap.
+/// gives on the head (decoded, for f16 rows), with both chains in one loop so that their
+/// multiply-adds overlap.
 ///
 /// # Safety
 /// `V`'s features are enabled; `x` and `y` hold `dot.len()` heads of `dk`.
 #[inline(always)]
-pub(crate) unsafe fn head_dots_f32<V: F32Vec>(
-    x: &[f32],
-    y: &[f32],
+pub(crate) unsafe fn head_dots<V: F32Vec, E: Elem>(
+    x: &[E],
+    y: &[E],
     dk: usize,
     dot: &mut [f32],
     nx: &mut [f32],
@@ -259,16 +324,78 @@ pub(crate) unsafe fn head_dots_f32<V: F32Vec>(
         let (px, py) = (xh.as_ptr(), yh.as_ptr());
         // SAFETY: features by the caller; `fold` gives o + EPR <= dk: loads inside the heads.
         let step = |[ad, an]: &mut [V; 2], o| unsafe {
-            let vx = V::loadu(px.add(o));
-            *ad = vx.mul_add(V::loadu(py.add(o)), *ad);
+            let vx = E::load::<V>(px.add(o));
+            *ad = vx.mul_add(E::load::<V>(py.add(o)), *ad);
             *an = vx.mul_add(vx, *an);
         };
         let one = |[sd, sn]: &mut [f32; 2], i: usize| {
-            *sd = xh[i].mul_add(yh[i], *sd);
-            *sn = xh[i].mul_add(xh[i], *sn);
+            let (a, b) = (xh[i].wide(), yh[i].wide());
+            *sd = a.mul_add(b, *sd);
+            *sn = a.mul_add(a, *sn);
         };
         // SAFETY: features by the caller.
         [*d, *n] = unsafe { fold::<V, 2>(dk, step, one) };
+    }
+}
+
+/// [`head_dots`] of one row against two: `dy[h] = x_h·y_h`, `dz[h] = x_h·z_h` and
+/// `nx[h] = x_h·x_h`, three independent chains in one loop, so `x` is loaded once; each has
+/// the bits [`dot_f32`] gives on the head.
+///
+/// # Safety
+/// `V`'s features are enabled; `x`, `y` and `z` hold `nx.len()` heads of `dk`.
+#[inline(always)]
+pub(crate) unsafe fn head_dots2<V: F32Vec, E: Elem>(
+    x: &[E],
+    y: &[E],
+    z: &[E],
+    dk: usize,
+    dy: &mut [f32],
+    dz: &mut [f32],
+    nx: &mut [f32],
+) {
+    for h in 0..nx.len() {
+        let r = h * dk..(h + 1) * dk;
+        let (xh, yh, zh) = (&x[r.clone()], &y[r.clone()], &z[r]);
+        let (px, py, pz) = (xh.as_ptr(), yh.as_ptr(), zh.as_ptr());
+        // SAFETY: features by the caller; `fold` gives o + EPR <= dk: loads inside the heads.
+        let step = |[ay, az, an]: &mut [V; 3], o| unsafe {
+            let vx = E::load::<V>(px.add(o));
+            *ay = vx.mul_add(E::load::<V>(py.add(o)), *ay);
+            *az = vx.mul_add(E::load::<V>(pz.add(o)), *az);
+            *an = vx.mul_add(vx, *an);
+        };
+        let one = |[sy, sz, sn]: &mut [f32; 3], i: usize| {
+            let a = xh[i].wide();
+            *sy = a.mul_add(yh[i].wide(), *sy);
+            *sz = a.mul_add(zh[i].wide(), *sz);
+            *sn = a.mul_add(a, *sn);
+        };
+        // SAFETY: features by the caller.
+        [dy[h], dz[h], nx[h]] = unsafe { fold::<V, 3>(dk, step, one) };
+    }
+}
+
+/// Per head of `dk`: `nx[h] = x_h·x_h`, the bits [`dot_f32`] gives on the head.
+///
+/// # Safety
+/// `V`'s features are enabled; `x` holds `nx.len()` heads of `dk`.
+#[inline(always)]
+pub(crate) unsafe fn head_norms<V: F32Vec, E: Elem>(x: &[E], dk: usize, nx: &mut [f32]) {
+    for (h, n) in nx.iter_mut().enumerate() {
+        let xh = &x[h * dk..(h + 1) * dk];
+        let px = xh.as_ptr();
+        // SAFETY: features by the caller; `fold` gives o + EPR <= dk: loads inside the head.
+        let step = |[an]: &mut [V; 1], o| unsafe {
+            let vx = E::load::<V>(px.add(o));
+            *an = vx.mul_add(vx, *an);
+        };
+        let one = |[sn]: &mut [f32; 1], i: usize| {
+            let a = xh[i].wide();
+            *sn = a.mul_add(a, *sn);
+        };
+        // SAFETY: features by the caller.
+        [*n] = unsafe { fold::<V, 1>(dk, step, one) };
     }
 }
 
@@ -295,18 +422,70 @@ pub(crate) unsafe fn dot_f16<V: F32Vec>(a: &[u16], b: &[u16]) -> f32 {
 /// `V`'s features are enabled.
 #[inline(always)]
 pub(crate) unsafe fn sqdist_f32<V: F32Vec>(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: forwarded.
+    unsafe { sqdist::<V, f32, f32>(a, b) }
+}
+
+/// Σ (a−b)² over `min(a.len(), b.len())` elements, each side of either element type.
+///
+/// # Safety
+/// `V`'s features are enabled.
+#[inline(always)]
+unsafe fn sqdist<V: F32Vec, A: Elem, B: Elem>(a: &[A], b: &[B]) -> f32 {
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     // SAFETY: features by the caller; `fold` gives o + EPR <= n: both loads inside.
     let step = |[acc]: &mut [V; 1], o| unsafe {
-        let d = V::loadu(pa.add(o)).sub(V::loadu(pb.add(o)));
+        let d = A::load::<V>(pa.add(o)).sub(B::load::<V>(pb.add(o)));
         *acc = d.mul_add(d, *acc);
     };
     let one = |[s]: &mut [f32; 1], i: usize| {
-        let d = a[i] - b[i];
+        let d = a[i].wide() - b[i].wide();
         *s = d.mul_add(d, *s);
     };
     // SAFETY: features by the caller.
     unsafe { fold::<V, 1>(a.len().min(b.len()), step, one)[0] }
+}
+
+/// `src` widened to f32 into `dst` (as long), exactly.
+///
+/// # Safety
+/// `V`'s features are enabled.
+#[inline(always)]
+unsafe fn widen<V: F32Vec, E: Elem>(src: &[E], dst: &mut [f32]) {
+    // SAFETY: features by the caller; `zip_map` gives EPR elements of `src` and `dst`.
+    let step = |s, d| unsafe { E::load::<V>(s).storeu(d) };
+    // SAFETY: features by the caller.
+    unsafe { zip_map::<V, E, f32>(src, dst, step, |s, _| s.wide()) }
+}
+
+/// [`super::Kernels::head_sqdists_f16`]: for each head `h` (of `d`) and row `j` of `rows`,
+/// `d2[h·m + j] = Σ (rows[jp]_h − rows[j]_h)²`, read in place; the bits of
+/// [`head_sqdists_f32`] on the rows decoded into one buffer.
+///
+/// # Safety
+/// `V`'s features are enabled; the shapes of [`super::Kernels::head_sqdists_f16`].
+#[inline(always)]
+pub(crate) unsafe fn head_sqdists_rows<V: F32Vec, E: Elem>(
+    rows: &[&[E]],
+    d: usize,
+    jp: usize,
+    d2: &mut [f32],
+) {
+    let m = rows.len();
+    let n_head = rows[0].len() / d;
+    // The pivot's head is widened once and read as f32 against every member: the widening is
+    // exact, so each distance has the bits of the one between the two rows as they lie, and
+    // the pivot is not converted again per member.
+    let mut piv = vec![0f32; d];
+    for h in 0..n_head {
+        let head = |j: usize| &rows[j][h * d..(h + 1) * d];
+        // SAFETY: features by the caller.
+        unsafe { widen::<V, E>(head(jp), &mut piv) };
+        for j in 0..m {
+            // SAFETY: features by the caller.
+            d2[h * m + j] = unsafe { sqdist::<V, f32, E>(&piv, head(j)) };
+        }
+    }
 }
 
 /// [`scalar::head_sqdists_body`] on [`sqdist_f32`].
@@ -356,37 +535,85 @@ pub(crate) unsafe fn weighted_heads_f32<V: F32Vec>(
     out: &mut [f32],
 ) {
     let width = out.len();
+    // SAFETY: forwarded; row j is `rows[j·width ..]`, which the wrapper checked.
+    unsafe { weighted_heads::<V, f32>(|j| &rows[j * width..(j + 1) * width], d, w, out) }
+}
+
+/// [`weighted_heads_f32`] over rows given one slice each, read in place (f16 widened as
+/// loaded): the bits of the f32 kernel on the rows decoded into one buffer.
+///
+/// # Safety
+/// `V`'s features are enabled; the shapes of [`super::Kernels::weighted_heads_f16`].
+#[inline(always)]
+pub(crate) unsafe fn weighted_heads_rows<V: F32Vec, E: Elem>(
+    rows: &[&[E]],
+    d: usize,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded.
+    unsafe { weighted_heads::<V, E>(|j| rows[j], d, w, out) }
+}
+
+/// `N` registers of outputs at `at` (row offset): `out[at..] = Σ_j wh[j] · row(j)[at..]`,
+/// one fused multiply-add chain per element in member order from +0.
+///
+/// # Safety
+/// `V`'s features are enabled; every `row(j)` and `out` hold `at + N·EPR` elements.
+#[inline(always)]
+unsafe fn weighted_block<'r, V: F32Vec, E: Elem + 'r, const N: usize>(
+    row: &impl Fn(usize) -> &'r [E],
+    wh: &[f32],
+    at: usize,
+    po: *mut f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut acc = [V::splat(0.0); N];
+        for (j, &wj) in wh.iter().enumerate() {
+            let vw = V::splat(wj);
+            let src = row(j).as_ptr().add(at);
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = vw.mul_add(E::load::<V>(src.add(k * V::EPR)), *a);
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            a.storeu(po.add(at + k * V::EPR));
+        }
+    }
+}
+
+/// The body of both: `row(j)` is member `j`'s row, at least `out.len()` wide.
+///
+/// # Safety
+/// `V`'s features are enabled; `w` holds `m` weights per head of `out` and `row(j)` is at
+/// least `out.len()` long for every `j < m`.
+#[inline(always)]
+unsafe fn weighted_heads<'r, V: F32Vec, E: Elem + 'r>(
+    row: impl Fn(usize) -> &'r [E],
+    d: usize,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    let width = out.len();
     let n_head = width / d;
     let m = w.len() / n_head;
     let np = d & !(V::STEP - 1);
-    let (pr, po) = (rows.as_ptr(), out.as_mut_ptr());
+    let po = out.as_mut_ptr();
     for h in 0..n_head {
         let wh = &w[h * m..(h + 1) * m];
-        // SAFETY: features by the caller; loads read row j's head h at i + k·EPR .. +EPR
-        // <= np <= d (rows holds m rows of `width`, the wrapper checked), stores write `out`'s
-        // head h likewise; unaligned.
-        unsafe {
-            let mut i = 0;
-            while i < np {
-                let mut acc = [V::splat(0.0); ARR];
-                for (j, &wj) in wh.iter().enumerate() {
-                    let vw = V::splat(wj);
-                    let src = pr.add(j * width + h * d + i);
-                    for (k, a) in acc.iter_mut().enumerate() {
-                        *a = vw.mul_add(V::loadu(src.add(k * V::EPR)), *a);
-                    }
-                }
-                for (k, a) in acc.iter().enumerate() {
-                    a.storeu(po.add(h * d + i + k * V::EPR));
-                }
-                i += V::STEP;
-            }
+        let mut i = 0;
+        while i < np {
+            // SAFETY: features by the caller; the block ends at i + STEP <= np <= d inside head
+            // h, and every row and `out` are at least `width` long (the caller's contract).
+            unsafe { weighted_block::<V, E, ARR>(&row, wh, h * d + i, po) };
+            i += V::STEP;
         }
         // leftovers
         for i in np..d {
             let mut s = 0f32;
             for (j, &wj) in wh.iter().enumerate() {
-                s = wj.mul_add(rows[j * width + h * d + i], s);
+                s = wj.mul_add(row(j)[h * d + i].wide(), s);
             }
             out[h * d + i] = s;
         }

@@ -13,6 +13,8 @@
 
 use std::sync::OnceLock;
 
+use half::f16;
+
 /// Keys per panel of [`Kernels::qk_t_f32`]'s packed layout.
 pub const QK_PANEL: usize = 16;
 
@@ -34,6 +36,18 @@ type HeadDots = unsafe fn(&[f32], &[f32], usize, &mut [f32], &mut [f32]);
 /// `(rows, width, d, jp, d2)`, see [`Kernels::head_sqdists_f32`].
 type HeadSqdists = unsafe fn(&[f32], usize, usize, usize, &mut [f32]);
 
+/// `(x, y, dk, dot, nx)` over f16 rows, see [`Kernels::head_dots_f16`].
+type HeadDotsF16 = unsafe fn(&[f16], &[f16], usize, &mut [f32], &mut [f32]);
+
+/// `(rows, d, jp, d2)` over f16 rows, see [`Kernels::head_sqdists_f16`].
+type HeadSqdistsF16 = unsafe fn(&[&[f16]], usize, usize, &mut [f32]);
+
+/// `(rows, d, w, out)` over f16 rows, see [`Kernels::weighted_heads_f16`].
+type WeightedRowsF16 = unsafe fn(&[&[f16]], usize, &[f32], &mut [f32]);
+
+/// `(x, y, z, dk, dy, dz, nx)`, see [`Kernels::head_dots2_f16`].
+type HeadDots2F16 = unsafe fn(&[f16], &[f16], &[f16], usize, &mut [f32], &mut [f32], &mut [f32]);
+
 /// Function pointers of one implementation. The pointers are `unsafe fn` because the ISA
 /// versions carry `#[target_feature]`; a table is only constructed after its features were
 /// detected, which is what makes the safe wrappers below sound.
@@ -42,14 +56,19 @@ pub struct Kernels {
     pub name: &'static str,
     dot_f32: unsafe fn(&[f32], &[f32]) -> f32,
     head_dots_f32: HeadDots,
+    head_dots_f16: HeadDotsF16,
+    head_dots2_f16: HeadDots2F16,
+    head_norms_f16: unsafe fn(&[f16], usize, &mut [f32]),
     qk_t_f32: unsafe fn(&[f32], usize, &[f32], &mut [f32]),
     pack_keys_f16: unsafe fn(&[&[u16]], &mut [f32]),
     softmax_acc: SoftmaxAcc,
     dot_f16: unsafe fn(&[u16], &[u16]) -> f32,
     sqdist_f32: unsafe fn(&[f32], &[f32]) -> f32,
     head_sqdists_f32: HeadSqdists,
+    head_sqdists_f16: HeadSqdistsF16,
     axpy_f32: unsafe fn(&mut [f32], f32, &[f32]),
     weighted_heads_f32: unsafe fn(&[f32], usize, &[f32], &mut [f32]),
+    weighted_heads_f16: WeightedRowsF16,
     f16_to_f32: unsafe fn(&[u16], &mut [f32]),
     f32_to_f16: unsafe fn(&[f32], &mut [u16]),
     bf16_to_f32: unsafe fn(&[u16], &mut [f32]),
@@ -63,14 +82,19 @@ impl Kernels {
             name: "scalar",
             dot_f32: scalar::dot_f32_scalar,
             head_dots_f32: scalar::head_dots_f32_scalar,
+            head_dots_f16: scalar::head_dots_f16_scalar,
+            head_dots2_f16: scalar::head_dots2_f16_scalar,
+            head_norms_f16: scalar::head_norms_f16_scalar,
             qk_t_f32: scalar::qk_t_f32_scalar,
             pack_keys_f16: scalar::pack_keys_f16_scalar,
             softmax_acc: scalar::softmax_acc_scalar,
             dot_f16: scalar::dot_f16_scalar,
             sqdist_f32: scalar::sqdist_f32_scalar,
             head_sqdists_f32: scalar::head_sqdists_f32_scalar,
+            head_sqdists_f16: scalar::head_sqdists_f16_scalar,
             axpy_f32: scalar::axpy_f32_scalar,
             weighted_heads_f32: scalar::weighted_heads_f32_scalar,
+            weighted_heads_f16: scalar::weighted_heads_f16_scalar,
             f16_to_f32: scalar::f16_to_f32_scalar,
             f32_to_f16: scalar::f32_to_f16_scalar,
             bf16_to_f32: scalar::bf16_to_f32_scalar,
@@ -120,6 +144,51 @@ impl Kernels {
         assert_eq!(nx.len(), dot.len());
         // SAFETY: the table was built only after its CPU features were detected.
         unsafe { (self.head_dots_f32)(x, y, dk, dot, nx) }
+    }
+
+    /// [`Self::head_dots_f32`] on f16 rows read in place: the bits it gives on the rows
+    /// decoded (the widening is exact), without their f32 copies.
+    #[inline]
+    pub fn head_dots_f16(&self, x: &[f16], y: &[f16], dk: usize, dot: &mut [f32], nx: &mut [f32]) {
+        assert!(dk > 0, "dk is 0");
+        assert_eq!(x.len(), y.len());
+        assert_eq!(x.len(), dk * dot.len());
+        assert_eq!(nx.len(), dot.len());
+        // SAFETY: the table was built only after its CPU features were detected.
+        unsafe { (self.head_dots_f16)(x, y, dk, dot, nx) }
+    }
+
+    /// One f16 row against two, read in place: `dy`, `dz` and `nx` are the `dot` of
+    /// [`Self::head_dots_f16`]`(x, y)`, its `dot` with `(x, z)` and its `nx`, bit for bit, with
+    /// `x` loaded once.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub fn head_dots2_f16(
+        &self,
+        x: &[f16],
+        y: &[f16],
+        z: &[f16],
+        dk: usize,
+        dy: &mut [f32],
+        dz: &mut [f32],
+        nx: &mut [f32],
+    ) {
+        assert!(dk > 0, "dk is 0");
+        assert!(x.len() == y.len() && x.len() == z.len());
+        assert_eq!(x.len(), dk * nx.len());
+        assert!(dy.len() == nx.len() && dz.len() == nx.len());
+        // SAFETY: the table was built only after its CPU features were detected.
+        unsafe { (self.head_dots2_f16)(x, y, z, dk, dy, dz, nx) }
+    }
+
+    /// Per head of an f16 row read in place, its squared norm: the `nx` of
+    /// [`Self::head_dots_f16`], bit for bit, at half the work.
+    #[inline]
+    pub fn head_norms_f16(&self, x: &[f16], dk: usize, nx: &mut [f32]) {
+        assert!(dk > 0, "dk is 0");
+        assert_eq!(x.len(), dk * nx.len());
+        // SAFETY: the table was built only after its CPU features were detected.
+        unsafe { (self.head_norms_f16)(x, dk, nx) }
     }
 
     /// Queries against packed keys: `out[r·n + i] = q_r · k_i` for the `m = q.len()/d` query
@@ -224,6 +293,47 @@ impl Kernels {
         assert_eq!(d2.len(), m * (width / d));
         // SAFETY: as in `dot_f32`; the shapes were checked above.
         unsafe { (self.head_sqdists_f32)(rows, width, d, jp, d2) }
+    }
+
+    /// [`Self::head_sqdists_f32`] on the `m = rows.len()` rows of f16 given one slice each
+    /// (each `width = rows[0].len()` wide) and read in place: the bits it gives on the rows
+    /// decoded into one buffer.
+    #[inline]
+    pub fn head_sqdists_f16(&self, rows: &[&[f16]], d: usize, jp: usize, d2: &mut [f32]) {
+        let m = rows.len();
+        assert!(jp < m, "pivot row {jp} of {m}");
+        let width = rows[0].len();
+        assert!(
+            d > 0 && width > 0 && width % d == 0,
+            "width is not whole heads of d = {d}"
+        );
+        assert!(
+            rows.iter().all(|r| r.len() == width),
+            "rows differ in width"
+        );
+        assert_eq!(d2.len(), m * (width / d));
+        // SAFETY: as in `dot_f32`; the shapes were checked above.
+        unsafe { (self.head_sqdists_f16)(rows, d, jp, d2) }
+    }
+
+    /// [`Self::weighted_heads_f32`] on the `m = w.len() / n_head` rows of f16 given one slice
+    /// each (each at least `out.len()` wide) and read in place: the bits it gives on the rows
+    /// decoded into one buffer.
+    #[inline]
+    pub fn weighted_heads_f16(&self, rows: &[&[f16]], d: usize, w: &[f32], out: &mut [f32]) {
+        assert!(
+            d > 0 && out.len() % d == 0,
+            "out is not whole heads of d = {d}"
+        );
+        let n_head = out.len() / d;
+        assert!(n_head > 0 && w.len() % n_head == 0, "w is not whole heads");
+        assert!(rows.len() >= w.len() / n_head, "fewer rows than weights");
+        assert!(
+            rows.iter().all(|r| r.len() >= out.len()),
+            "a row is narrower than out"
+        );
+        // SAFETY: as in `dot_f32`; the shapes were checked above.
+        unsafe { (self.weighted_heads_f16)(rows, d, w, out) }
     }
 
     /// Per head `h` (of `d`) of `out`: `out_h = Σ_j w[h·m + j] · rows_j,h` over the

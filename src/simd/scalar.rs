@@ -118,6 +118,71 @@ pub(crate) unsafe fn head_dots_f32_scalar(
     head_dots_body(x, y, dk, dot, nx, |a, b| unsafe { dot_f32_scalar(a, b) });
 }
 
+/// Rows of f16, widened into one f32 buffer, the way a host decodes them before an f32 kernel.
+fn widen_rows(rows: &[&[f16]]) -> Vec<f32> {
+    rows.iter()
+        .flat_map(|r| r.iter().map(|x| x.to_f32()))
+        .collect()
+}
+
+/// The f16 kernels' reference: the rows decoded, then the f32 kernel (the ISA kernels read
+/// f16 in place and must give these bits).
+pub(crate) unsafe fn head_dots_f16_scalar(
+    x: &[f16],
+    y: &[f16],
+    dk: usize,
+    dot: &mut [f32],
+    nx: &mut [f32],
+) {
+    let (x, y) = (widen_rows(&[x]), widen_rows(&[y]));
+    // SAFETY: the scalar kernel has no precondition.
+    unsafe { head_dots_f32_scalar(&x, &y, dk, dot, nx) }
+}
+
+/// See [`head_dots_f16_scalar`]: two calls of the f32 kernel.
+pub(crate) unsafe fn head_dots2_f16_scalar(
+    x: &[f16],
+    y: &[f16],
+    z: &[f16],
+    dk: usize,
+    dy: &mut [f32],
+    dz: &mut [f32],
+    nx: &mut [f32],
+) {
+    let (x, y, z) = (widen_rows(&[x]), widen_rows(&[y]), widen_rows(&[z]));
+    // SAFETY: the scalar kernel has no precondition.
+    unsafe {
+        head_dots_f32_scalar(&x, &y, dk, dy, nx);
+        head_dots_f32_scalar(&x, &z, dk, dz, nx);
+    }
+}
+
+/// See [`head_dots_f16_scalar`]: the norms of the f32 kernel.
+pub(crate) unsafe fn head_norms_f16_scalar(x: &[f16], dk: usize, nx: &mut [f32]) {
+    let x = widen_rows(&[x]);
+    let mut dot = vec![0f32; nx.len()];
+    // SAFETY: the scalar kernel has no precondition.
+    unsafe { head_dots_f32_scalar(&x, &x, dk, &mut dot, nx) }
+}
+
+/// See [`head_dots_f16_scalar`].
+pub(crate) unsafe fn head_sqdists_f16_scalar(rows: &[&[f16]], d: usize, jp: usize, d2: &mut [f32]) {
+    // SAFETY: the scalar kernel has no precondition.
+    unsafe { head_sqdists_f32_scalar(&widen_rows(rows), rows[0].len(), d, jp, d2) }
+}
+
+/// See [`head_dots_f16_scalar`]; each row is cut to `out.len()`.
+pub(crate) unsafe fn weighted_heads_f16_scalar(
+    rows: &[&[f16]],
+    d: usize,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    let cut: Vec<&[f16]> = rows.iter().map(|r| &r[..out.len()]).collect();
+    // SAFETY: the scalar kernel has no precondition.
+    unsafe { weighted_heads_f32_scalar(&widen_rows(&cut), d, w, out) }
+}
+
 /// Queries against keys packed in panels (see [`Kernels::qk_t_f32`](super::Kernels::qk_t_f32)):
 /// each output is one fused multiply-add chain over the channels, front to back; the ISA
 /// kernels run the same chain in each lane, so every table gives the same bits.
