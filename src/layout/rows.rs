@@ -6,6 +6,9 @@
 //! value is gathered with stride `nb[1]`, one element per channel row.
 
 use super::{Geom, LayerGeom, RawLayer};
+use half::f16;
+use half::slice::HalfBitsSliceExt;
+
 use crate::codec::{as_u16, decode, encode, GgmlType};
 use crate::simd::Kernels;
 
@@ -193,6 +196,40 @@ pub trait LayerRows {
         (g.k.ty == GgmlType::F16)
             .then(|| as_u16(&self.k_bytes()[row_range(&g.k, cell, g.n_head * g.dk)]))
     }
+
+    /// All heads of `cell`'s key as f16 where it lies, when K is f16: what the kernels that
+    /// read f16 in place take instead of a decoded row.
+    fn k_f16(&self, cell: usize) -> Option<&[f16]> {
+        self.k_row_f16(cell).map(|b| b.reinterpret_cast())
+    }
+
+    /// As [`LayerRows::k_f16`] for `cell`'s value, when V is f16 and not transposed.
+    fn v_f16(&self, cell: usize) -> Option<&[f16]> {
+        let g = self.geom();
+        (g.v.ty == GgmlType::F16 && !g.v_trans).then(|| {
+            as_u16(&self.v_bytes()[row_range(&g.v, cell, g.n_head * g.dv)]).reinterpret_cast()
+        })
+    }
+
+    /// Asks for all of `cell`'s key row, into L2: for loops that stream whole rows, where the
+    /// hardware prefetcher stops at each page and starts late on the next row.
+    fn prefetch_k_row_all(&self, cell: usize) {
+        let g = self.geom();
+        if let Some(row) = self.k_bytes().get(row_range(&g.k, cell, g.n_head * g.dk)) {
+            prefetch_all(row);
+        }
+    }
+
+    /// As [`LayerRows::prefetch_k_row_all`] for `cell`'s value row (not a transposed V).
+    fn prefetch_v_row_all(&self, cell: usize) {
+        let g = self.geom();
+        if g.v_trans {
+            return;
+        }
+        if let Some(row) = self.v_bytes().get(row_range(&g.v, cell, g.n_head * g.dv)) {
+            prefetch_all(row);
+        }
+    }
 }
 
 impl<B: std::ops::Deref<Target = [u8]>> LayerRows for Layer<B> {
@@ -276,6 +313,37 @@ fn prefetch(bytes: &[u8]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = n;
+}
+
+/// Prefetches every cache line of `bytes` into L2 (a hint, as [`prefetch`]). L2 holds the
+/// rows a few steps ahead without pushing the current ones out of L1.
+#[inline]
+fn prefetch_all(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = bytes.as_ptr();
+        let mut off = 0;
+        while off < bytes.len() {
+            // SAFETY: `off < bytes.len()`; a prefetch is a hint that never faults and has no
+            // effect on memory.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
+                    p.add(off).cast(),
+                )
+            };
+            off += 64;
+        }
+        if let Some(last) = bytes.len().checked_sub(1) {
+            // SAFETY: as above, the last byte (a row need not start on a line).
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
+                    p.add(last).cast(),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }
 
 /// Most bytes of one row [`prefetch`] asks for.

@@ -16,6 +16,10 @@ use rayon::prelude::*;
 use super::plan::Plan;
 use super::{Exec, Method, Sigma, ValueMode};
 use crate::error::{Error, Result};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::codec::GgmlType;
 use crate::layout::{LayerGeom, LayerMut, LayerRows, PREFETCH_AHEAD};
 
 pub fn apply(ex: &Exec, plan: &Plan, layers: &mut [LayerMut<'_>]) -> Result<()> {
@@ -133,13 +137,22 @@ pub fn weights(
 /// the type's maximum, where the encoder would write ±inf. On ordinary data nothing is beyond
 /// `lim`, so no bit changes; a NaN (from a NaN member) is left as it is.
 fn clamp_to_members(out: &mut [f32], rows: &[f32], lim: f32) {
-    // Almost always nothing is beyond `lim`: a branch-free test over lanes of 8 (which the
-    // compiler vectorizes) replaces a compare and branch per element.
-    let beyond = |c: &[f32]| c.iter().fold(false, |b, x| b | (x.abs() > lim));
-    let (body, rest) = out.split_at(out.len() - out.len() % 8);
-    if !body.chunks_exact(8).any(beyond) && !beyond(rest) {
-        return;
+    if beyond(out, lim) {
+        clamp_beyond(out, rows, lim);
     }
+}
+
+/// Whether an element of `out` is beyond `lim`. Almost always none is: a branch-free test
+/// over lanes of 8 (which the compiler vectorizes) replaces a compare and branch per element.
+fn beyond(out: &[f32], lim: f32) -> bool {
+    let any = |c: &[f32]| c.iter().fold(false, |b, x| b | (x.abs() > lim));
+    let (body, rest) = out.split_at(out.len() - out.len() % 8);
+    body.chunks_exact(8).any(any) || any(rest)
+}
+
+/// [`clamp_to_members`] once [`beyond`] said something is: the member `rows` (decoded) give
+/// each such element's range.
+fn clamp_beyond(out: &mut [f32], rows: &[f32], lim: f32) {
     let width = out.len();
     for (c, x) in out.iter_mut().enumerate() {
         if x.abs() > lim {
@@ -153,6 +166,18 @@ fn clamp_to_members(out: &mut [f32], rows: &[f32], lim: f32) {
     }
 }
 
+/// [`clamp_to_members`] over members that were read in place (f16): they are decoded into
+/// `buf` only in the rare event that something is beyond `lim`.
+fn clamp_to_rows(out: &mut [f32], rows: &[&[f16]], buf: &mut [f32], lim: f32) {
+    if beyond(out, lim) {
+        let w = out.len();
+        for (r, b) in rows.iter().zip(buf.chunks_exact_mut(w)) {
+            r[..w].convert_to_f32_slice(b);
+        }
+        clamp_beyond(out, &buf[..rows.len() * w], lim);
+    }
+}
+
 /// Saturates at ±`lim` the elements of a sum that is not convex (the paper's values times
 /// the member count, CaM's folds), which may exceed the type's range: its largest finite
 /// value is nearer to the sum than the ±inf the encoder would write.
@@ -162,23 +187,35 @@ fn saturate(out: &mut [f32], lim: f32) {
     }
 }
 
-/// Reads the `m` members' key rows into `keys` and puts member `j`'s squared key distance to
-/// the pivot (member `jp`) in KV head `h` at `d2[h·m + j]`.
-fn read_distances(
+/// Puts member `j`'s squared key distance to the pivot (member `jp`) in KV head `h` at
+/// `d2[h·m + j]`. f16 keys are read where they lie and their rows returned, for the merge to
+/// read them again (from cache) the same way; other types are decoded into `keys`, and `None`
+/// says so.
+fn read_distances<'l>(
     plan: &Plan,
     mem: &[usize],
     jp: usize,
-    l: &LayerMut<'_>,
+    l: &'l LayerMut<'_>,
     keys: &mut [f32],
     d2: &mut [f32],
-) {
+) -> Option<Vec<&'l [f16]>> {
     let g = l.geom;
     let (m, wk) = (mem.len(), g.n_head * g.dk);
+    let rows: Option<Vec<&[f16]>> = mem
+        .iter()
+        .map(|&i| l.k_f16(plan.cells[i] as usize))
+        .collect();
+    if let Some(rows) = rows {
+        l.kern()
+            .head_sqdists_f16(&rows, g.dk, jp, &mut d2[..g.n_head * m]);
+        return Some(rows);
+    }
     for (j, &i) in mem.iter().enumerate() {
         l.read_k_row(plan.cells[i] as usize, &mut keys[j * wk..(j + 1) * wk]);
     }
     l.kern()
         .head_sqdists_f32(&keys[..m * wk], wk, g.dk, jp, &mut d2[..g.n_head * m]);
+    None
 }
 
 /// For `Sigma::Layer(r)`, each KV head's σ for this layer: `r` times the root-mean-square
@@ -298,6 +335,9 @@ pub fn set_weights(
     }
 }
 
+/// Bytes up to which a row read in place is still asked for ahead (see `apply_layer`).
+const SHORT_ROW: usize = 1024;
+
 fn apply_layer(plan: &Plan, merged: &[(usize, &Vec<usize>)], l: &mut LayerMut<'_>) {
     let g = l.geom;
     let kern = l.kern();
@@ -315,16 +355,31 @@ fn apply_layer(plan: &Plan, merged: &[(usize, &Vec<usize>)], l: &mut LayerMut<'_
     let mut cnt = vec![0f32; max_m];
     let mut att = vec![0f32; max_m];
     let sigma_h = head_sigmas(plan, merged, l, &mut keys, &mut d2);
+    // f16 rows are read where they lie (exact widening, so the same bits as decoded rows);
+    // other types are decoded into `keys` and `vals` first.
+    let k_in_place = g.k.ty == GgmlType::F16;
+    let v_in_place = g.v.ty == GgmlType::F16 && !g.v_trans;
+    let short = |ty: GgmlType, w: usize| ty.row_size(w) <= SHORT_ROW;
+    let (ask_k, ask_v) = (
+        !k_in_place || short(g.k.ty, wk),
+        !v_in_place || short(g.v.ty, wv),
+    );
     for (k, &(sid, mem)) in merged.iter().enumerate() {
         // The members' rows are scattered over a cache the model's last pass has just pushed
         // out of the CPU caches; asking for a later set's rows now overlaps those misses with
-        // this set's arithmetic.
+        // this set's arithmetic. Long rows read in place (f16) are left alone: a set's members
+        // are neighbours and the sets come in position order, so the hardware prefetcher
+        // follows them, and asking as well made the pass slower (bench, 7B shape: 96 ms
+        // without, 103 ms asking for their first lines, 111 ms for whole rows into L2); short
+        // ones (SmolLM2's 384 bytes: 6.3 ms with, 9.1 ms without) are asked for.
         if let Some(&(_, ahead)) = merged.get(k + PREFETCH_AHEAD) {
             for &i in ahead {
                 let c = plan.cells[i] as usize;
                 // Keys are read for the distances even when they are not merged.
-                l.prefetch_k_row(c);
-                if p.merge_values {
+                if ask_k {
+                    l.prefetch_k_row(c);
+                }
+                if p.merge_values && ask_v {
                     l.prefetch_v_row(c);
                 }
             }
@@ -332,7 +387,7 @@ fn apply_layer(plan: &Plan, merged: &[(usize, &Vec<usize>)], l: &mut LayerMut<'_
         let m = mem.len();
         let jp = pivot_index(plan, sid, mem);
         let pc = plan.cells[mem[jp]] as usize;
-        read_distances(plan, mem, jp, l, &mut keys, &mut d2);
+        let krows = read_distances(plan, mem, jp, l, &mut keys, &mut d2);
         set_weights(
             plan,
             sigma_h.as_deref(),
@@ -344,20 +399,46 @@ fn apply_layer(plan: &Plan, merged: &[(usize, &Vec<usize>)], l: &mut LayerMut<'_
             &mut att,
             &mut w,
         );
+        let wm = &w[..g.n_head * m];
         if p.merge_keys {
-            kern.weighted_heads_f32(&keys, g.dk, &w[..g.n_head * m], &mut out_k);
-            clamp_to_members(&mut out_k, &keys[..m * wk], g.k.ty.max_finite());
+            let lim = g.k.ty.max_finite();
+            match &krows {
+                Some(rows) => {
+                    kern.weighted_heads_f16(rows, g.dk, wm, &mut out_k);
+                    clamp_to_rows(&mut out_k, rows, &mut keys, lim);
+                }
+                None => {
+                    kern.weighted_heads_f32(&keys, g.dk, wm, &mut out_k);
+                    clamp_to_members(&mut out_k, &keys[..m * wk], lim);
+                }
+            }
+        }
+        drop(krows);
+        if p.merge_keys {
             l.write_k_row(pc, &out_k);
         }
         if p.merge_values {
-            for (j, &i) in mem.iter().enumerate() {
-                l.read_v_row(plan.cells[i] as usize, &mut vals[j * wv..(j + 1) * wv]);
+            let lim = g.v.ty.max_finite();
+            let vrows: Option<Vec<&[f16]>> = mem
+                .iter()
+                .map(|&i| l.v_f16(plan.cells[i] as usize))
+                .collect();
+            match vrows {
+                Some(rows) => {
+                    kern.weighted_heads_f16(&rows, g.dv, wm, &mut out_v);
+                    clamp_to_rows(&mut out_v, &rows, &mut vals, lim);
+                }
+                None => {
+                    for (j, &i) in mem.iter().enumerate() {
+                        l.read_v_row(plan.cells[i] as usize, &mut vals[j * wv..(j + 1) * wv]);
+                    }
+                    kern.weighted_heads_f32(&vals, g.dv, wm, &mut out_v);
+                    clamp_to_members(&mut out_v, &vals[..m * wv], lim);
+                }
             }
-            kern.weighted_heads_f32(&vals, g.dv, &w[..g.n_head * m], &mut out_v);
-            clamp_to_members(&mut out_v, &vals[..m * wv], g.v.ty.max_finite());
             if p.value_mode == ValueMode::Paper {
                 out_v.iter_mut().for_each(|x| *x *= m as f32);
-                saturate(&mut out_v, g.v.ty.max_finite());
+                saturate(&mut out_v, lim);
             }
             l.write_v_row(pc, &out_v);
         }

@@ -11,8 +11,10 @@ use rayon::prelude::*;
 
 use super::calib::Calib;
 use super::Exec;
+use crate::codec::GgmlType;
 use crate::error::Result;
 use crate::layout::{LayerRows, PREFETCH_AHEAD};
+use crate::simd::Kernels;
 
 /// Cosine that treats zero vectors and non-finite data as "not similar" (−1), so a broken or
 /// empty row never attracts a merge.
@@ -37,32 +39,56 @@ pub fn layer_adjacent<L: LayerRows>(layer: &L, cells: &[u32]) -> Vec<f32> {
         return Vec::new();
     }
     let mut out = vec![0f32; n - 1];
-    // Each row decoded once, all heads in one call, and the previous one kept: the dots then
-    // run on f32 without converting any row twice (dots straight from f16 widened every row
-    // for its norm and again for each of its two links), and one kernel call per row gives
-    // every head's dot with the previous row and its own norm (a call per dot cost as much as
-    // the 64-channel dots themselves). The widening is exact and `head_dots_f32` gives
-    // `dot_f32`'s bits, so the sums are the same as with per-head dots straight from f16.
-    let mut cur = vec![0f32; g.n_head * g.dk];
-    let mut prev = vec![0f32; g.n_head * g.dk];
     let mut dots = vec![0f32; g.n_head];
     let mut norms = vec![0f32; g.n_head];
     let mut prev_norms = vec![0f32; g.n_head];
-    for (i, &c) in cells.iter().enumerate() {
-        layer.read_k_row(c as usize, &mut cur);
-        kern.head_dots_f32(&cur, &prev, g.dk, &mut dots, &mut norms);
+    let mut add = |i: usize, dots: &[f32], norms: &[f32], prev_norms: &[f32]| {
         if i > 0 {
             for h in 0..g.n_head {
                 out[i - 1] += cosine(dots[h], norms[h], prev_norms[h]);
             }
         }
-        std::mem::swap(&mut cur, &mut prev);
-        std::mem::swap(&mut norms, &mut prev_norms);
+    };
+    if g.k.ty == GgmlType::F16 {
+        // f16 keys are read where they lie: each dot widens its lanes as it loads them, which
+        // is exact, so the bits are those of the decoded rows below; the decode's write and
+        // re-read of every row in f32 was most of this loop's time. The previous row is still
+        // in L1 when it is read again.
+        let row = |c: u32| layer.k_f16(c as usize).expect("f16 keys");
+        let mut prev = row(cells[0]);
+        for (i, &c) in cells.iter().enumerate() {
+            if let Some(&ahead) = cells.get(i + ROWS_AHEAD) {
+                layer.prefetch_k_row_all(ahead as usize);
+            }
+            let cur = row(c);
+            kern.head_dots_f16(cur, prev, g.dk, &mut dots, &mut norms);
+            add(i, &dots, &norms, &prev_norms);
+            prev = cur;
+            std::mem::swap(&mut norms, &mut prev_norms);
+        }
+    } else {
+        // Each row decoded once, all heads in one call, and the previous one kept: the dots
+        // then run on f32 without converting any row twice, and one kernel call per row gives
+        // every head's dot with the previous row and its own norm (a call per dot cost as much
+        // as the 64-channel dots themselves).
+        let mut cur = vec![0f32; g.n_head * g.dk];
+        let mut prev = vec![0f32; g.n_head * g.dk];
+        for (i, &c) in cells.iter().enumerate() {
+            layer.read_k_row(c as usize, &mut cur);
+            kern.head_dots_f32(&cur, &prev, g.dk, &mut dots, &mut norms);
+            add(i, &dots, &norms, &prev_norms);
+            std::mem::swap(&mut cur, &mut prev);
+            std::mem::swap(&mut norms, &mut prev_norms);
+        }
     }
     let inv = 1.0 / g.n_head as f32;
     out.iter_mut().for_each(|v| *v *= inv);
     out
 }
+
+/// How many rows ahead [`layer_adjacent`] asks for a whole f16 row: enough to cover a miss
+/// while the row between is read (whole rows, so fewer are needed than `PREFETCH_AHEAD`).
+const ROWS_AHEAD: usize = 2;
 
 /// Link scores of a window.
 pub struct Links {
@@ -151,36 +177,146 @@ pub fn pair_cos_per_layer<L: LayerRows + Sync>(
         layers
             .par_iter()
             .map(|l| {
-                let g = l.geom();
-                let mut rows = RowCache::new(g.n_head * g.dk, g.n_head);
-                let mut dots = vec![0f32; g.n_head];
-                let mut na = vec![0f32; g.n_head];
-                pairs
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &(a, b))| {
-                        if let Some(&(fa, fb)) = pairs.get(k + PREFETCH_AHEAD) {
-                            let (pa, pb) = pairs[k + PREFETCH_AHEAD - 1];
-                            if fa != pa && fa != pb {
-                                l.prefetch_k_row(cells[fa] as usize);
-                            }
-                            if fb != pa && fb != pb {
-                                l.prefetch_k_row(cells[fb] as usize);
-                            }
-                        }
-                        let sa = rows.get(l, cells, a, false);
-                        let sb = rows.get(l, cells, b, true);
-                        ex.kern
-                            .head_dots_f32(rows.row(sa), rows.row(sb), g.dk, &mut dots, &mut na);
-                        let nb = rows.norms(sb);
-                        (0..g.n_head)
-                            .map(|h| cosine(dots[h], na[h], nb[h]))
-                            .sum::<f32>()
-                    })
-                    .collect()
+                if l.geom().k.ty == GgmlType::F16 {
+                    pair_cos_f16(l, ex.kern, cells, pairs)
+                } else {
+                    pair_cos_decoded(l, ex.kern, cells, pairs)
+                }
             })
             .collect()
     })
+}
+
+/// The sum over heads of the cosines from each head's dot and two squared norms.
+fn cos_sum(dots: &[f32], na: &[f32], nb: &[f32]) -> f32 {
+    (0..dots.len()).map(|h| cosine(dots[h], na[h], nb[h])).sum()
+}
+
+/// The window cells of pair `k + PREFETCH_AHEAD` that the pair before it does not have: the
+/// rows a loop at pair `k` asks for.
+fn new_ahead(pairs: &[(usize, usize)], k: usize) -> impl Iterator<Item = usize> + '_ {
+    pairs
+        .get(k + PREFETCH_AHEAD)
+        .into_iter()
+        .flat_map(move |&(fa, fb)| {
+            let (pa, pb) = pairs[k + PREFETCH_AHEAD - 1];
+            [fa, fb].into_iter().filter(move |&f| f != pa && f != pb)
+        })
+}
+
+/// One layer of [`pair_cos_per_layer`] on decoded rows.
+fn pair_cos_decoded<L: LayerRows>(
+    l: &L,
+    kern: &Kernels,
+    cells: &[u32],
+    pairs: &[(usize, usize)],
+) -> Vec<f32> {
+    let g = l.geom();
+    let mut rows = RowCache::new(g.n_head * g.dk, g.n_head);
+    let mut dots = vec![0f32; g.n_head];
+    let mut na = vec![0f32; g.n_head];
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(k, &(a, b))| {
+            for f in new_ahead(pairs, k) {
+                l.prefetch_k_row(cells[f] as usize);
+            }
+            let sa = rows.get(l, cells, a, false);
+            let sb = rows.get(l, cells, b, true);
+            kern.head_dots_f32(rows.row(sa), rows.row(sb), g.dk, &mut dots, &mut na);
+            cos_sum(&dots, &na, rows.norms(sb))
+        })
+        .collect()
+}
+
+/// One layer of [`pair_cos_per_layer`] on f16 keys read where they lie: nothing is decoded,
+/// only the norms of the last few second members are kept. A row new to the loop is asked
+/// for whole, a few pairs ahead, into L2.
+fn pair_cos_f16<L: LayerRows>(
+    l: &L,
+    kern: &Kernels,
+    cells: &[u32],
+    pairs: &[(usize, usize)],
+) -> Vec<f32> {
+    let g = l.geom();
+    let row = |i: usize| l.k_f16(cells[i] as usize).expect("f16 keys");
+    let mut norms = NormCache::new(g.n_head);
+    let mut dots = vec![0f32; g.n_head];
+    let mut na = vec![0f32; g.n_head];
+    let mut dz = vec![0f32; g.n_head];
+    let mut nb = vec![0f32; g.n_head];
+    let mut out = vec![0f32; pairs.len()];
+    let mut k = 0;
+    while k < pairs.len() {
+        let (a, b) = pairs[k];
+        // A leaving cell comes with both its survivors, (a, b) then (a, c): one pass over a.
+        let both = pairs
+            .get(k + 1)
+            .filter(|&&(a2, _)| a2 == a)
+            .map(|&(_, c)| c);
+        for j in k..k + 1 + usize::from(both.is_some()) {
+            for f in new_ahead(pairs, j) {
+                l.prefetch_k_row_all(cells[f] as usize);
+            }
+        }
+        let (ra, rb) = (row(a), row(b));
+        nb.copy_from_slice(norms.get(b, |o| kern.head_norms_f16(rb, g.dk, o)));
+        match both {
+            Some(c) => {
+                let rc = row(c);
+                let nc = norms.get(c, |o| kern.head_norms_f16(rc, g.dk, o));
+                kern.head_dots2_f16(ra, rb, rc, g.dk, &mut dots, &mut dz, &mut na);
+                out[k] = cos_sum(&dots, &na, &nb);
+                out[k + 1] = cos_sum(&dz, &na, nc);
+                k += 2;
+            }
+            None => {
+                kern.head_dots_f16(ra, rb, g.dk, &mut dots, &mut na);
+                out[k] = cos_sum(&dots, &na, &nb);
+                k += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The per-head squared norms of the last few rows asked for, by window index; the least
+/// recently used is replaced.
+struct NormCache {
+    n_head: usize,
+    norms: Vec<f32>,
+    tag: [usize; ROW_SLOTS],
+    used: [u64; ROW_SLOTS],
+    clock: u64,
+}
+
+impl NormCache {
+    fn new(n_head: usize) -> NormCache {
+        NormCache {
+            n_head,
+            norms: vec![0f32; ROW_SLOTS * n_head],
+            tag: [usize::MAX; ROW_SLOTS],
+            used: [0; ROW_SLOTS],
+            clock: 0,
+        }
+    }
+
+    /// Row `i`'s norms, computed by `fill` when they are not held.
+    fn get(&mut self, i: usize, fill: impl FnOnce(&mut [f32])) -> &[f32] {
+        self.clock += 1;
+        let s = match self.tag.iter().position(|&t| t == i) {
+            Some(s) => s,
+            None => {
+                let s = (0..ROW_SLOTS).min_by_key(|&s| self.used[s]).expect("slots");
+                fill(&mut self.norms[s * self.n_head..(s + 1) * self.n_head]);
+                self.tag[s] = i;
+                s
+            }
+        };
+        self.used[s] = self.clock;
+        &self.norms[s * self.n_head..(s + 1) * self.n_head]
+    }
 }
 
 /// [`pair_sims`] from [`pair_cos_per_layer`]'s sums, added in layer order.
