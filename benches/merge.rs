@@ -11,8 +11,16 @@
 //! cells) split into plan and apply, for H2O and EVICT_FOLD, and the attention scoring of an
 //! event. criterion then times KVMerger's plan and apply on their own.
 //!
+//! Beside memcpy, each pass is compared with the floor of its own access pattern: the same rows
+//! read in the same order on the same threads with no arithmetic, the survivors written back
+//! (`stream`). A pass that mostly reads cannot beat that floor, and on a machine whose memcpy
+//! reads and writes at once the floor itself is well under memcpy's counted speed (about half
+//! on the 7B shape here; docs/findings.md, "bench-in-place").
+//!
 //! `KVM_BENCH_THREADS` (default 2) sets the ctx's pool and memcpy's threads;
-//! `KVM_BENCH_QUICK=1` runs only the SmolLM2 shape; `KVM_BENCH_RATIO=1` only the speed lines.
+//! `KVM_BENCH_QUICK=1` runs only the SmolLM2 shape; `KVM_BENCH_RATIO=1` only the speed lines;
+//! `KVM_BENCH_CELLS=N` gives the shapes N cells instead of 4096 (a few hundred fit the CPU's
+//! caches, which shows what the arithmetic alone costs).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -214,6 +222,10 @@ struct Traffic {
     apply: usize,
     merged_sets: usize,
     merged_members: usize,
+    /// The cells whose K rows the plan reads, in order.
+    plan_rows: Vec<usize>,
+    /// The merged sets in plan order: their members' cells and the survivor's.
+    sets: Vec<(Vec<usize>, usize)>,
 }
 
 fn traffic(
@@ -232,8 +244,18 @@ fn traffic(
         .for_each(|&x| members[x as usize] += 1);
     let merged_members: usize = members.iter().filter(|&&m| m > 1).sum();
     let merged_sets = members.iter().filter(|&&m| m > 1).count();
-    let plan_rows = match method {
-        kvm_method::KVM_METHOD_KVMERGER => n,
+    let mut sets: Vec<(Vec<usize>, usize)> = survivor
+        .iter()
+        .map(|&sv| (Vec::new(), sv as usize))
+        .collect();
+    for (i, &x) in set_of.iter().enumerate() {
+        if x != KVM_EVICTED {
+            sets[x as usize].0.push(i);
+        }
+    }
+    sets.retain(|(m, _)| m.len() > 1);
+    let plan_rows: Vec<usize> = match method {
+        kvm_method::KVM_METHOD_KVMERGER => (0..n).collect(),
         kvm_method::KVM_METHOD_EVICT_FOLD => {
             let leaving: Vec<bool> = (0..n)
                 .map(|i| set_of[i] == KVM_EVICTED || survivor[set_of[i] as usize] as usize != i)
@@ -243,16 +265,80 @@ fn traffic(
                 leaving[i]
                     || (i >= n_sink && ((i > 0 && leaving[i - 1]) || (i + 1 < n && leaving[i + 1])))
             };
-            (0..n).filter(|&i| read(i)).count()
+            (0..n).filter(|&i| read(i)).collect()
         }
-        _ => 0,
+        _ => Vec::new(),
     };
     Traffic {
-        plan: s.n_layers * plan_rows * row,
+        plan: s.n_layers * plan_rows.len() * row,
         apply: s.n_layers * (merged_members + merged_sets) * 2 * row,
         merged_sets,
         merged_members,
+        plan_rows,
+        sets,
     }
+}
+
+/// Adds up a row as u64 words: reading its bytes at all, at the speed the CPU streams them.
+fn read_row(row: &[u16]) -> u64 {
+    // SAFETY: u64 has no invalid bit patterns; the unaligned ends are read as u16.
+    let (pre, mid, post) = unsafe { row.align_to::<u64>() };
+    let ends = pre.iter().chain(post).fold(0u64, |a, &x| a ^ u64::from(x));
+    mid.iter().fold(ends, |a, &x| a ^ x)
+}
+
+/// The least work that moves a pass's traffic: per layer, on `threads()` threads (layer `l`
+/// on thread `l % threads`), the K rows its plan reads, in its order, each read once as
+/// words; then per merged set the members' K and V rows read and the survivor's K and V
+/// written back unchanged. Returns the seconds of the plan's part and of the apply's part.
+/// What the pass does beyond this is its arithmetic and its access's cost to memory; the
+/// ratio of the two is how near the pass is to the memory's speed on its own access pattern.
+fn stream(cache: &mut Cache, t: &Traffic) -> (f64, f64) {
+    let row = cache.s.n_head * cache.s.d;
+    let nt = threads();
+    let run = |cache: &mut Cache, f: &(dyn Fn(&mut [u16], &mut [u16]) + Sync)| {
+        let t0 = Instant::now();
+        let mut ks: Vec<Vec<&mut Vec<u16>>> = (0..nt).map(|_| Vec::new()).collect();
+        let mut vs: Vec<Vec<&mut Vec<u16>>> = (0..nt).map(|_| Vec::new()).collect();
+        for (l, (k, v)) in cache.k.iter_mut().zip(cache.v.iter_mut()).enumerate() {
+            ks[l % nt].push(k);
+            vs[l % nt].push(v);
+        }
+        std::thread::scope(|sc| {
+            for (k, v) in ks.into_iter().zip(vs) {
+                sc.spawn(move || {
+                    for (k, v) in k.into_iter().zip(v) {
+                        f(k, v);
+                    }
+                });
+            }
+        });
+        t0.elapsed().as_secs_f64()
+    };
+    let plan = run(cache, &|k, _| {
+        let x = t
+            .plan_rows
+            .iter()
+            .fold(0u64, |a, &c| a ^ read_row(&k[c * row..(c + 1) * row]));
+        black_box(x);
+    });
+    let apply = run(cache, &|k, v| {
+        let mut buf = vec![0u16; row];
+        for (mem, sv) in &t.sets {
+            let mut x = 0u64;
+            for &c in mem {
+                x ^= read_row(&k[c * row..(c + 1) * row]);
+                x ^= read_row(&v[c * row..(c + 1) * row]);
+            }
+            black_box(x);
+            for rows in [&mut *k, &mut *v] {
+                let r = &mut rows[sv * row..(sv + 1) * row];
+                buf.copy_from_slice(r);
+                r.copy_from_slice(black_box(&buf));
+            }
+        }
+    });
+    (plan, apply)
 }
 
 fn threads() -> usize {
@@ -282,10 +368,13 @@ fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
 
 /// The pass of `method` on the bench's cache against memcpy of the same traffic on as many
 /// threads: plan, apply and memcpy timed in turn `reps` times (after one run left out), and
-/// each of plan, apply and the whole pass given as its speed over memcpy's in the same turn.
+/// each of plan, apply and the whole pass given as its speed over memcpy's in the same turn;
+/// and, timed in the same turns, the [`stream`] of the same rows, which the pass's speed is
+/// also given over (the ceiling of its own access pattern), and that stream's over memcpy's.
 /// Returns the median plan and apply times in ms, and the traffic.
 #[allow(clippy::too_many_arguments)]
 fn throughput(
+    cache: &mut Cache,
     s: &'static Shape,
     method: kvm_method,
     views: &[kvm_layer_view],
@@ -326,6 +415,7 @@ fn throughput(
     };
     let (mut rp, mut ra, mut rs, mut tp, mut ta, mut bw) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut sp, mut sa, mut ss, mut sm) = (vec![], vec![], vec![], vec![]);
     for rep in 0..=reps {
         let t_plan = secs(&mut || {
             let p = plan(ctx, views, cells, n_free);
@@ -338,6 +428,7 @@ fn throughput(
             assert_eq!(st, kvm_status::KVM_STATUS_OK);
         });
         let t_copy = secs(&mut || copy_threads(&mut dst[..copy], &src[..copy]));
+        let (s_plan, s_apply) = stream(cache, &t);
         if rep == 0 {
             continue;
         }
@@ -345,6 +436,10 @@ fn throughput(
         rp.push(t.plan as f64 / t_plan / mem);
         ra.push(t.apply as f64 / t_apply / mem);
         rs.push(total as f64 / (t_plan + t_apply) / mem);
+        sp.push(s_plan / t_plan);
+        sa.push(s_apply / t_apply);
+        ss.push((s_plan + s_apply) / (t_plan + t_apply));
+        sm.push(total as f64 / (s_plan + s_apply) / mem);
         tp.push(t_plan * 1e3);
         ta.push(t_apply * 1e3);
         bw.push(mem / 1e9);
@@ -364,7 +459,7 @@ fn throughput(
     };
     let (mp, ma) = (spread(tp.clone()).0, spread(ta.clone()).0);
     println!(
-        "{}: {name}, threads {} | traffic (read + write) plan {:.1} MiB, apply {:.1} MiB ({} sets merge {} cells) | plan {} ms, apply {} ms | memcpy, same traffic and threads, {} GB/s | speed / memcpy's: plan {}, apply {}, pass {} (median [min, max] of {reps}) | kernels {}",
+        "{}: {name}, threads {} | traffic (read + write) plan {:.1} MiB, apply {:.1} MiB ({} sets merge {} cells) | plan {} ms, apply {} ms | memcpy, same traffic and threads, {} GB/s | speed / memcpy's: plan {}, apply {}, pass {} | speed / the stream of the same rows': plan {}, apply {}, pass {} | the stream's speed / memcpy's {} (median [min, max] of {reps}) | kernels {}",
         s.name,
         threads(),
         t.plan as f64 / 1048576.0,
@@ -377,6 +472,10 @@ fn throughput(
         f(rp, 2),
         f(ra, 2),
         f(rs, 2),
+        f(sp, 2),
+        f(sa, 2),
+        f(ss, 2),
+        f(sm, 2),
         kvmerger::simd::kernels().name,
     );
     (mp, ma, t)
@@ -399,7 +498,9 @@ fn report(s: &'static Shape, c: &mut Criterion) {
         kvm_method::KVM_METHOD_EVICT_FOLD,
         kvm_method::KVM_METHOD_KVMERGER,
     ] {
-        let (tp, ta, t) = throughput(s, m, &views, &cells, n_free, reps, &src, &mut dst);
+        let (tp, ta, t) = throughput(
+            &mut cache, s, m, &views, &cells, n_free, reps, &src, &mut dst,
+        );
         per_method.push(tp + ta);
         kvm_traffic = Some(t);
     }
@@ -550,7 +651,15 @@ fn report(s: &'static Shape, c: &mut Criterion) {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     let quick = std::env::var("KVM_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let cells: Option<usize> = std::env::var("KVM_BENCH_CELLS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     for s in SHAPES.iter().filter(|s| !quick || s.n_head < 8) {
+        // A shape that lives for the whole run, with the cell count asked for.
+        let s: &'static Shape = match cells {
+            Some(n_cells) => Box::leak(Box::new(Shape { n_cells, ..*s })),
+            None => s,
+        };
         report(s, &mut c);
     }
     c.final_summary();
