@@ -207,12 +207,19 @@ def run_cancel(srv, req, rec, phase):
         rec.add(id=req["id"], kind="cancel", phase=phase, status=None, error=f"{type(e).__name__}: {e}"[:200])
 
 
+def raw_head(srv, body, close=False):
+    """The header of a POST /v1/chat/completions carrying `body`, for the requests sent over a raw socket (which
+    send part of it, or go away)."""
+    extra = "Connection: close\r\n" if close else ""
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode()
+
+
 def run_disconnect(srv, req, rec, phase):
     """A raw socket that goes away: mid-headers, mid-body, or after a few events of a stream; -rst: TCP reset."""
     body = json.dumps({"messages": req["messages"], "max_tokens": 200, "temperature": 0, "stream": True,
                        "id_slot": req["slot"], "cache_prompt": False}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = raw_head(srv, body)
     mode = req["mode"]
     status = None
     s = socket.create_connection(("127.0.0.1", srv.port), timeout=600)
@@ -258,8 +265,7 @@ def run_prefill(srv, req, rec, phase):
     n_prompt = len(tok.get("tokens", []))
     body = json.dumps({"messages": req["messages"], "max_tokens": req["marker"], "ignore_eos": True,
                        "temperature": 0, "stream": True, "id_slot": req["slot"], "cache_prompt": False}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = raw_head(srv, body)
 
     def mine():
         try:
@@ -312,8 +318,7 @@ def run_malformed(srv, req, rec, phase):
     s = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
     try:
         body = req["body"]
-        s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+        s.sendall(raw_head(srv, body, close=True) + body)
         buf = b""
         while True:
             chunk = s.recv(65536)
