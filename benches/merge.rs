@@ -1,7 +1,8 @@
 //! Merge-pass speed against memory's speed, measured in one run.
 //!
-//! Shapes: a 7B-like cache (32 layers, 32 KV heads × 128, f16, 4096 cells) and a SmolLM2-like
-//! one (30 layers, 3 KV heads × 64, f16, 4096 cells); each event frees half the window.
+//! Shapes: a 7B-like cache (32 layers, 32 KV heads × 128, f16, 4096 cells), Llama-3-8B's GQA one
+//! (32 layers, 8 KV heads × 128) and a SmolLM2-like one (30 layers, 3 KV heads × 64, f16, 4096
+//! cells); each event frees half the window.
 //! For the default (EVICT_FOLD) and KVMerger it counts a pass's traffic the way memcpy's is
 //! counted, every byte read plus every byte written (plan: the K rows it reads; apply: K and V
 //! of every merged member read, each merged survivor's K and V written), and times plan, apply
@@ -18,7 +19,8 @@
 //! on the 7B shape here; docs/findings.md, "bench-in-place").
 //!
 //! `KVM_BENCH_THREADS` (default 2) sets the ctx's pool and memcpy's threads;
-//! `KVM_BENCH_QUICK=1` runs only the SmolLM2 shape; `KVM_BENCH_RATIO=1` only the speed lines;
+//! `KVM_BENCH_QUICK=1` runs only the SmolLM2 shape, `KVM_BENCH_SHAPE=name` only the one named;
+//! `KVM_BENCH_RATIO=1` only the speed lines;
 //! `KVM_BENCH_CELLS=N` gives the shapes N cells instead of 4096 (a few hundred fit the CPU's
 //! caches, which shows what the arithmetic alone costs).
 
@@ -36,12 +38,20 @@ struct Shape {
     n_cells: usize,
 }
 
-const SHAPES: [Shape; 2] = [
+const SHAPES: [Shape; 3] = [
     Shape {
         name: "smollm2-30x3x64",
         n_layers: 30,
         n_head: 3,
         d: 64,
+        n_cells: 4096,
+    },
+    // Llama-3-8B's GQA cache, the shape the issue measured (2 KiB rows).
+    Shape {
+        name: "8b-32x8x128",
+        n_layers: 32,
+        n_head: 8,
+        d: 128,
         n_cells: 4096,
     },
     Shape {
@@ -654,7 +664,12 @@ fn main() {
     let cells: Option<usize> = std::env::var("KVM_BENCH_CELLS")
         .ok()
         .and_then(|v| v.parse().ok());
-    for s in SHAPES.iter().filter(|s| !quick || s.n_head < 8) {
+    let only = std::env::var("KVM_BENCH_SHAPE").ok();
+    for s in SHAPES
+        .iter()
+        .filter(|s| !quick || s.n_head < 8)
+        .filter(|s| only.as_deref().is_none_or(|o| o == s.name))
+    {
         // A shape that lives for the whole run, with the cell count asked for.
         let s: &'static Shape = match cells {
             Some(n_cells) => Box::leak(Box::new(Shape { n_cells, ..*s })),

@@ -335,8 +335,10 @@ pub fn set_weights(
     }
 }
 
-/// Bytes up to which a row read in place is still asked for ahead (see `apply_layer`).
-const SHORT_ROW: usize = 1024;
+/// Bytes up to which a row read in place is asked for ahead (see `apply_layer`). Measured on
+/// the bench: 2 KiB rows (8 KV heads × 128) 34.5 → 29.9 ms asked for whole; 8 KiB rows (32 ×
+/// 128) 96 ms left alone, 111 ms asked for whole, 103 ms asking for their first lines.
+const SHORT_ROW: usize = 4096;
 
 fn apply_layer(plan: &Plan, merged: &[(usize, &Vec<usize>)], l: &mut LayerMut<'_>) {
     let g = l.geom;
@@ -360,27 +362,29 @@ fn apply_layer(plan: &Plan, merged: &[(usize, &Vec<usize>)], l: &mut LayerMut<'_
     let k_in_place = g.k.ty == GgmlType::F16;
     let v_in_place = g.v.ty == GgmlType::F16 && !g.v_trans;
     let short = |ty: GgmlType, w: usize| ty.row_size(w) <= SHORT_ROW;
-    let (ask_k, ask_v) = (
-        !k_in_place || short(g.k.ty, wk),
-        !v_in_place || short(g.v.ty, wv),
-    );
+    let (ask_k, ask_v) = (short(g.k.ty, wk), short(g.v.ty, wv));
     for (k, &(sid, mem)) in merged.iter().enumerate() {
         // The members' rows are scattered over a cache the model's last pass has just pushed
         // out of the CPU caches; asking for a later set's rows now overlaps those misses with
-        // this set's arithmetic. Long rows read in place (f16) are left alone: a set's members
-        // are neighbours and the sets come in position order, so the hardware prefetcher
-        // follows them, and asking as well made the pass slower (bench, 7B shape: 96 ms
-        // without, 103 ms asking for their first lines, 111 ms for whole rows into L2); short
-        // ones (SmolLM2's 384 bytes: 6.3 ms with, 9.1 ms without) are asked for.
+        // this set's arithmetic. Rows read in place (f16) are asked for whole, into L2, up to
+        // `SHORT_ROW` bytes; longer ones are left to the hardware prefetcher, which follows a
+        // set's neighbouring members, the sets coming in position order (measured in
+        // docs/findings.md, "bench-in-place").
         if let Some(&(_, ahead)) = merged.get(k + PREFETCH_AHEAD) {
             for &i in ahead {
                 let c = plan.cells[i] as usize;
                 // Keys are read for the distances even when they are not merged.
-                if ask_k {
-                    l.prefetch_k_row(c);
+                match (k_in_place, ask_k) {
+                    (true, true) => l.prefetch_k_row_all(c),
+                    (false, _) => l.prefetch_k_row(c),
+                    (true, false) => {}
                 }
-                if p.merge_values && ask_v {
-                    l.prefetch_v_row(c);
+                if p.merge_values {
+                    match (v_in_place, ask_v) {
+                        (true, true) => l.prefetch_v_row_all(c),
+                        (false, _) => l.prefetch_v_row(c),
+                        (true, false) => {}
+                    }
                 }
             }
         }
