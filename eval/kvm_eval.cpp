@@ -378,6 +378,10 @@ static const MethodRow k_methods[] = {
     // keep half of the window after n_keep (--kv-merge-keep 0.5), whatever --n-free-frac says
     { "default", "main", "what the tools' --kv-merge runs with no other flag: llama_kv_merge_default_params() (EVICT_FOLD, sinks 4, recent 32, attention), n_threads from -t, --kv-merge-keep 0.5 (each event frees half of the cells after n_keep, as context shift)",
       "tool=1 keep=0.5" },
+    // a candidate default (findings: heldout): the same, with events that keep seven eighths of the
+    // window after n_keep (--kv-merge-keep 0.875), the event size of every baseline row
+    { "default_k875", "candidate", "the tools' --kv-merge with --kv-merge-keep 0.875: llama_kv_merge_default_params(), each event frees an eighth of the cells after n_keep",
+      "tool=1 keep=0.875" },
     { "evict_fold", "main", "our best merging configuration: EVICT_FOLD, H2O decides who leaves (sinks, recent 32, attention), each leaving cell folded into its more similar surviving neighbour (Gaussian-kernel weights)",
       "method=evict-fold" },
     { "abl_best_keepkey", "ablation", "best, keys not averaged (the pivot's key), values averaged",
