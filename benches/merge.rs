@@ -232,9 +232,10 @@ struct Traffic {
     apply: usize,
     merged_sets: usize,
     merged_members: usize,
-    /// The cells whose K rows the plan reads, in order.
+    /// The cells whose K rows the plan reads, in order (window indices, which are the cells:
+    /// the bench's window is cells 0..n).
     plan_rows: Vec<usize>,
-    /// The merged sets in plan order: their members' cells and the survivor's.
+    /// The merged sets in plan order: their members' cells and the survivor's (likewise).
     sets: Vec<(Vec<usize>, usize)>,
 }
 
@@ -247,13 +248,6 @@ fn traffic(
 ) -> Traffic {
     let row = s.n_head * s.d * 2;
     let n = set_of.len();
-    let mut members = vec![0usize; survivor.len()];
-    set_of
-        .iter()
-        .filter(|&&x| x != KVM_EVICTED)
-        .for_each(|&x| members[x as usize] += 1);
-    let merged_members: usize = members.iter().filter(|&&m| m > 1).sum();
-    let merged_sets = members.iter().filter(|&&m| m > 1).count();
     let mut sets: Vec<(Vec<usize>, usize)> = survivor
         .iter()
         .map(|&sv| (Vec::new(), sv as usize))
@@ -264,6 +258,8 @@ fn traffic(
         }
     }
     sets.retain(|(m, _)| m.len() > 1);
+    let merged_sets = sets.len();
+    let merged_members: usize = sets.iter().map(|(m, _)| m.len()).sum();
     let plan_rows: Vec<usize> = match method {
         kvm_method::KVM_METHOD_KVMERGER => (0..n).collect(),
         kvm_method::KVM_METHOD_EVICT_FOLD => {

@@ -287,63 +287,48 @@ pub(crate) const PREFETCH_AHEAD: usize = 4;
 /// lines cost more than the misses it saved.
 #[inline]
 fn prefetch(bytes: &[u8]) {
-    let n = bytes.len().min(PREFETCH_BYTES);
-    #[cfg(target_arch = "x86_64")]
-    {
-        let p = bytes.as_ptr();
-        let mut off = 0;
-        while off < n {
-            // SAFETY: `off < bytes.len()`; a prefetch is a hint that never faults and has no
-            // effect on memory.
-            unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                    p.add(off).cast(),
-                )
-            };
-            off += 64;
-        }
-        if n > 0 && n == bytes.len() {
-            // SAFETY: as above, the last byte of `bytes`.
-            unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                    p.add(n - 1).cast(),
-                )
-            };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = n;
+    prefetch_lines::<T0>(bytes, bytes.len().min(PREFETCH_BYTES));
 }
 
 /// Prefetches every cache line of `bytes` into L2 (a hint, as [`prefetch`]). L2 holds the
 /// rows a few steps ahead without pushing the current ones out of L1.
 #[inline]
 fn prefetch_all(bytes: &[u8]) {
+    prefetch_lines::<T1>(bytes, bytes.len());
+}
+
+/// `_mm_prefetch` hints: into L1 (and below), into L2 (and below).
+#[cfg(target_arch = "x86_64")]
+const T0: i32 = core::arch::x86_64::_MM_HINT_T0;
+#[cfg(target_arch = "x86_64")]
+const T1: i32 = core::arch::x86_64::_MM_HINT_T1;
+#[cfg(not(target_arch = "x86_64"))]
+const T0: i32 = 0;
+#[cfg(not(target_arch = "x86_64"))]
+const T1: i32 = 0;
+
+/// Asks with hint `HINT` for the lines of the first `n` bytes of `bytes` (`n <= bytes.len()`),
+/// and, when that is all of them, for the last byte's line too, since a row need not start on
+/// a line. A hint only: it never faults and reads nothing.
+#[inline]
+fn prefetch_lines<const HINT: i32>(bytes: &[u8], n: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         let p = bytes.as_ptr();
         let mut off = 0;
-        while off < bytes.len() {
-            // SAFETY: `off < bytes.len()`; a prefetch is a hint that never faults and has no
-            // effect on memory.
-            unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
-                    p.add(off).cast(),
-                )
-            };
+        while off < n {
+            // SAFETY: `off < n <= bytes.len()`; a prefetch is a hint that never faults and has
+            // no effect on memory.
+            unsafe { core::arch::x86_64::_mm_prefetch::<HINT>(p.add(off).cast()) };
             off += 64;
         }
-        if let Some(last) = bytes.len().checked_sub(1) {
-            // SAFETY: as above, the last byte (a row need not start on a line).
-            unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
-                    p.add(last).cast(),
-                )
-            };
+        if n > 0 && n == bytes.len() {
+            // SAFETY: as above, the last byte of `bytes`.
+            unsafe { core::arch::x86_64::_mm_prefetch::<HINT>(p.add(n - 1).cast()) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    let _ = (bytes, n);
 }
 
 /// Most bytes of one row [`prefetch`] asks for.

@@ -406,19 +406,16 @@ fn apply_layer(plan: &Plan, merged: &[(usize, &Vec<usize>)], l: &mut LayerMut<'_
         let wm = &w[..g.n_head * m];
         if p.merge_keys {
             let lim = g.k.ty.max_finite();
-            match &krows {
+            match krows {
                 Some(rows) => {
-                    kern.weighted_heads_f16(rows, g.dk, wm, &mut out_k);
-                    clamp_to_rows(&mut out_k, rows, &mut keys, lim);
+                    kern.weighted_heads_f16(&rows, g.dk, wm, &mut out_k);
+                    clamp_to_rows(&mut out_k, &rows, &mut keys, lim);
                 }
                 None => {
                     kern.weighted_heads_f32(&keys, g.dk, wm, &mut out_k);
                     clamp_to_members(&mut out_k, &keys[..m * wk], lim);
                 }
             }
-        }
-        drop(krows);
-        if p.merge_keys {
             l.write_k_row(pc, &out_k);
         }
         if p.merge_values {

@@ -555,13 +555,13 @@ pub(crate) unsafe fn weighted_heads_rows<V: F32Vec, E: Elem>(
     unsafe { weighted_heads::<V, E>(|j| rows[j], d, w, out) }
 }
 
-/// `N` registers of outputs at `at` (row offset): `out[at..] = Σ_j wh[j] · row(j)[at..]`,
+/// One step (`STEP` outputs) at `at` (row offset): `out[at..] = Σ_j wh[j] · row(j)[at..]`,
 /// one fused multiply-add chain per element in member order from +0.
 ///
 /// # Safety
-/// `V`'s features are enabled; every `row(j)` and `out` hold `at + N·EPR` elements.
+/// `V`'s features are enabled; every `row(j)` and `out` hold `at + STEP` elements.
 #[inline(always)]
-unsafe fn weighted_block<'r, V: F32Vec, E: Elem + 'r, const N: usize>(
+unsafe fn weighted_block<'r, V: F32Vec, E: Elem + 'r>(
     row: &impl Fn(usize) -> &'r [E],
     wh: &[f32],
     at: usize,
@@ -569,7 +569,7 @@ unsafe fn weighted_block<'r, V: F32Vec, E: Elem + 'r, const N: usize>(
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        let mut acc = [V::splat(0.0); N];
+        let mut acc = [V::splat(0.0); ARR];
         for (j, &wj) in wh.iter().enumerate() {
             let vw = V::splat(wj);
             let src = row(j).as_ptr().add(at);
@@ -606,7 +606,7 @@ unsafe fn weighted_heads<'r, V: F32Vec, E: Elem + 'r>(
         while i < np {
             // SAFETY: features by the caller; the block ends at i + STEP <= np <= d inside head
             // h, and every row and `out` are at least `width` long (the caller's contract).
-            unsafe { weighted_block::<V, E, ARR>(&row, wh, h * d + i, po) };
+            unsafe { weighted_block::<V, E>(&row, wh, h * d + i, po) };
             i += V::STEP;
         }
         // leftovers
